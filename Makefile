@@ -1,0 +1,37 @@
+# The two commands a fresh clone needs (README.md):  make run   — the main job;  make test — the whole test suite.
+# Each first builds .venv from settings.ini (via setup.py); the stamp's name changes when either file does.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat settings.ini setup.py | sha1sum | cut -c1-12)
+
+.PHONY: install run test book export clean-nbs readme
+.DEFAULT_GOAL := test
+
+$(STAMP): settings.ini setup.py
+	rm -f $(VENV)/.installed-*
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --progress-bar off -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+# The main job. Until a model can generate text, it builds the book with every chapter executed.
+run: book
+
+# Everything: repository checks (export, clean notebooks, README), tests/ and every chapter under nbval.
+test: $(STAMP)
+	$(BIN)/python -m pytest tests nbs --nbval-lax --nbval-current-env -p no:cacheprovider --durations=15
+
+# The book, every chapter executed, warnings are errors.
+book: $(STAMP)
+	$(BIN)/jupyter-book build . --config book/_config.yml --toc _toc.yml --warningiserror --nitpick --keep-going
+	@echo "open _build/html/index.html"
+
+# Authoring: regenerate llmjax/ from the notebooks, clean the notebooks, mirror index into README.md.
+export: $(STAMP)
+	$(BIN)/nbdev_export
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev_clean
+readme: $(STAMP)
+	$(BIN)/python book/build_readme.py
