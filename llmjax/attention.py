@@ -6,7 +6,7 @@
 __all__ = ['RoPE', 'rotate_half', 'apply_rope', 'causal_mask', 'sliding_window_mask', 'padding_mask', 'make_attention_mask',
            'attend', 'KVCache', 'Attention', 'ModelOutput', 'prepare_inputs', 'run_blocks', 'model_output']
 
-# %% ../nbs/03_attention.ipynb #1a34f542
+# %% ../nbs/03_attention.ipynb #631d125d
 import dataclasses
 import math
 from typing import Callable
@@ -18,7 +18,7 @@ from flax import nnx
 
 from .layers import Embedding, GatedMLP, RMSNorm
 
-# %% ../nbs/03_attention.ipynb #47a1858b
+# %% ../nbs/03_attention.ipynb #667a6b80
 @dataclasses.dataclass(frozen=True)
 class RoPE:
     """Rotary embedding settings: the base `theta` and a frequency scaling ('default', 'linear' or 'llama3')."""
@@ -79,7 +79,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     x32 = x.astype(jnp.float32)
     return (x32 * jnp.cos(angles) + rotate_half(x32) * jnp.sin(angles)).astype(x.dtype)
 
-# %% ../nbs/03_attention.ipynb #6d42f8db
+# %% ../nbs/03_attention.ipynb #ce1e6547
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
     """[B, T], [B, S] positions -> bool [B, T, S]: a query sees keys at its own or earlier positions."""
     return k_positions[:, None, :] <= q_positions[:, :, None]
@@ -102,7 +102,7 @@ def make_attention_mask(q_positions, k_positions, k_valid, window: int | None = 
         mask &= sliding_window_mask(q_positions, k_positions, window)
     return mask
 
-# %% ../nbs/03_attention.ipynb #3afc71b4
+# %% ../nbs/03_attention.ipynb #b80c601f
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
            softcap: float | None = None) -> jax.Array:
     """q [B, T, H, d], k and v [B, S, K, d], mask bool [B, T, S] -> [B, T, H, d]; H must be a multiple of K."""
@@ -116,7 +116,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, d)
 
-# %% ../nbs/03_attention.ipynb #45996acc
+# %% ../nbs/03_attention.ipynb #5ffb45b0
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -154,7 +154,7 @@ class KVCache:
         return dataclasses.replace(self, keys=jax.lax.dynamic_update_slice(self.keys, k[None].astype(self.keys.dtype), at),
                                    values=jax.lax.dynamic_update_slice(self.values, v[None].astype(self.values.dtype), at))
 
-# %% ../nbs/03_attention.ipynb #106fa15c
+# %% ../nbs/03_attention.ipynb #cae44eaf
 class Attention(nnx.Module):
     """Multi-head / grouped-query / multi-query self-attention with optional RoPE, window, soft-cap and QK-norm."""
 
@@ -167,7 +167,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.window, self.softcap = window, softcap
         self.scale = head_dim ** -0.5 if scale is None else scale
-        self.inv_freq = None if rope is None else nnx.Variable(jnp.asarray(rope.inverse_frequencies(head_dim)))
+        self.rope = rope   # static: the frequencies are a NumPy constant of the config, not a parameter
         linear = lambda i, o, bias: nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.q_proj = linear(features, num_heads * head_dim, qkv_bias)
         self.k_proj = linear(features, num_kv_heads * head_dim, qkv_bias)
@@ -185,8 +185,9 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.inv_freq is not None:
-            q, k = apply_rope(q, positions, self.inv_freq[...]), apply_rope(k, positions, self.inv_freq[...])
+        if self.rope is not None:
+            inv_freq = self.rope.inverse_frequencies(self.head_dim)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is None:
             k_positions, k_valid = positions, valid
         else:
@@ -196,7 +197,7 @@ class Attention(nnx.Module):
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
 
-# %% ../nbs/03_attention.ipynb #d0cc55ef
+# %% ../nbs/03_attention.ipynb #b986be0f
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ModelOutput:
