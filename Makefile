@@ -32,6 +32,7 @@ book: $(STAMP)
 export: $(STAMP)
 	$(BIN)/nbdev_export
 clean-nbs: $(STAMP)
+	$(BIN)/jupyter nbconvert --clear-output --inplace --log-level WARN nbs/*.ipynb
 	$(BIN)/nbdev_clean
 readme: $(STAMP)
 	$(BIN)/python book/build_readme.py

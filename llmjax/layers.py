@@ -6,7 +6,7 @@
 __all__ = ['ACTIVATIONS', 'HF_ACTIVATION_NAMES', 'Embedding', 'sinusoidal_positions', 'LayerNorm', 'RMSNorm', 'activation', 'MLP',
            'GatedMLP']
 
-# %% ../nbs/02_layers.ipynb #570ff420
+# %% ../nbs/02_layers.ipynb #ed6faeda
 from typing import Callable
 
 import jax
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# %% ../nbs/02_layers.ipynb #476707fd
+# %% ../nbs/02_layers.ipynb #69ac6362
 class Embedding(nnx.Module):
     """A [V, D] lookup table. `attend` reuses it as the tied output projection [.., D] -> [.., V]."""
 
@@ -28,14 +28,14 @@ class Embedding(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x.astype(self.embedding.dtype), self.embedding[...])
 
-# %% ../nbs/02_layers.ipynb #dd7f699d
+# %% ../nbs/02_layers.ipynb #d81ee587
 def sinusoidal_positions(positions: jax.Array, features: int, max_timescale: float = 10_000.0) -> jax.Array:
     """Vaswani et al.'s fixed position code: [...] int positions -> [..., D], sin on even and cos on odd dims."""
     rates = 1.0 / max_timescale ** (np.arange(0, features, 2, dtype=np.float32) / features)   # [D/2]
     angles = jnp.asarray(positions, jnp.float32)[..., None] * rates                          # [..., D/2]
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], -1)[..., :features]
 
-# %% ../nbs/02_layers.ipynb #0394167e
+# %% ../nbs/02_layers.ipynb #77c65255
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis; statistics in float32, result in the input's dtype."""
 
@@ -53,7 +53,7 @@ class LayerNorm(nnx.Module):
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
-# %% ../nbs/02_layers.ipynb #f2b431e4
+# %% ../nbs/02_layers.ipynb #223149ef
 class RMSNorm(nnx.Module):
     """Root-mean-square norm over the last axis, multiplied by `offset + scale` (offset 1.0: Gemma's 1 + w)."""
 
@@ -66,7 +66,7 @@ class RMSNorm(nnx.Module):
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
         return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
-# %% ../nbs/02_layers.ipynb #d1aae458
+# %% ../nbs/02_layers.ipynb #c5250c85
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -85,7 +85,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
         raise ValueError(f"unknown activation {name!r}; use one of {', '.join(known)}")
     return ACTIVATIONS[key]
 
-# %% ../nbs/02_layers.ipynb #2365e67e
+# %% ../nbs/02_layers.ipynb #8a0f9562
 class MLP(nnx.Module):
     """GPT-2's feed-forward block: D -> F -> D with an activation in between (`c_fc`, `c_proj` as in its checkpoint)."""
 
@@ -98,7 +98,7 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.c_proj(self.act(self.c_fc(x)))
 
-# %% ../nbs/02_layers.ipynb #2e1c0152
+# %% ../nbs/02_layers.ipynb #7947a57c
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with act='silu' (LLaMA, Mistral), GeGLU with 'gelu_tanh' (Gemma)."""
 

@@ -46,6 +46,11 @@ def test_notebook_is_clean(scratch, notebook):
     copy = scratch / "nbs" / notebook.name
     subprocess.run([BIN / "nbdev_clean", "--fname", str(copy)], cwd=scratch, check=True, capture_output=True)
     assert copy.read_bytes() == notebook.read_bytes(), f"{notebook.name} is not clean; run `make clean-nbs`"
+    import nbformat
+
+    with_outputs = [i for i, c in enumerate(nbformat.read(notebook, as_version=4).cells)
+                    if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not with_outputs, f"{notebook.name} is committed with outputs in cells {with_outputs}; run `make clean-nbs`"
 
 
 def test_readme_mirrors_index():
