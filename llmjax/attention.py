@@ -6,7 +6,7 @@
 __all__ = ['RoPE', 'rotate_half', 'apply_rope', 'causal_mask', 'sliding_window_mask', 'padding_mask', 'make_attention_mask',
            'attend', 'KVCache', 'Attention', 'ModelOutput', 'prepare_inputs', 'run_blocks', 'model_output']
 
-# %% ../nbs/03_attention.ipynb #ed2ad76c
+# %% ../nbs/03_attention.ipynb #52cb8c83
 import dataclasses
 import math
 from typing import Callable
@@ -18,7 +18,7 @@ from flax import nnx
 
 from .layers import Embedding, GatedMLP, RMSNorm
 
-# %% ../nbs/03_attention.ipynb #4c25ec7d
+# %% ../nbs/03_attention.ipynb #1f502f3c
 @dataclasses.dataclass(frozen=True)
 class RoPE:
     """Rotary embedding settings: the base `theta` and a frequency scaling ('default', 'linear' or 'llama3')."""
@@ -79,7 +79,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     x32 = x.astype(jnp.float32)
     return (x32 * jnp.cos(angles) + rotate_half(x32) * jnp.sin(angles)).astype(x.dtype)
 
-# %% ../nbs/03_attention.ipynb #1e69c71d
+# %% ../nbs/03_attention.ipynb #0923bc99
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
     """[B, T], [B, S] positions -> bool [B, T, S]: a query sees keys at its own or earlier positions."""
     return k_positions[:, None, :] <= q_positions[:, :, None]
@@ -102,7 +102,7 @@ def make_attention_mask(q_positions, k_positions, k_valid, window: int | None = 
         mask &= sliding_window_mask(q_positions, k_positions, window)
     return mask
 
-# %% ../nbs/03_attention.ipynb #5effaaa7
+# %% ../nbs/03_attention.ipynb #603626b7
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
            softcap: float | None = None) -> jax.Array:
     """q [B, T, H, d], k and v [B, S, K, d], mask bool [B, T, S] -> [B, T, H, d]; H must be a multiple of K."""
@@ -116,7 +116,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, d)
 
-# %% ../nbs/03_attention.ipynb #530209fe
+# %% ../nbs/03_attention.ipynb #44e9151c
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -154,7 +154,7 @@ class KVCache:
         return dataclasses.replace(self, keys=jax.lax.dynamic_update_slice(self.keys, k[None].astype(self.keys.dtype), at),
                                    values=jax.lax.dynamic_update_slice(self.values, v[None].astype(self.values.dtype), at))
 
-# %% ../nbs/03_attention.ipynb #e69d543d
+# %% ../nbs/03_attention.ipynb #070dba8a
 class Attention(nnx.Module):
     """Multi-head / grouped-query / multi-query self-attention with optional RoPE, window, soft-cap and QK-norm."""
 
@@ -197,7 +197,7 @@ class Attention(nnx.Module):
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
 
-# %% ../nbs/03_attention.ipynb #945f931e
+# %% ../nbs/03_attention.ipynb #132fd5c6
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ModelOutput:

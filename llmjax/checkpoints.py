@@ -7,7 +7,7 @@ __all__ = ['DTYPES', 'SAFETENSORS_DTYPES', 'CheckpointError', 'resolve_dtype', '
            'SafetensorsCheckpoint', 'transpose', 'Rule', 'KeyMap', 'plan_loading', 'load_weights', 'anonymous_memory',
            'peak_memory_growth', 'save_model', 'restore_model']
 
-# %% ../nbs/04_checkpoints.ipynb #f2309e90
+# %% ../nbs/04_checkpoints.ipynb #28a9469e
 import dataclasses
 import json
 import mmap
@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-# %% ../nbs/04_checkpoints.ipynb #234ad843
+# %% ../nbs/04_checkpoints.ipynb #07766ed9
 class CheckpointError(ValueError):
     """A checkpoint that can't be loaded; the message says what is wrong and what to do."""
 
@@ -40,7 +40,7 @@ def resolve_dtype(dtype) -> jnp.dtype:
             return jnp.dtype(value)
     raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
 
-# %% ../nbs/04_checkpoints.ipynb #9cbfd1cc
+# %% ../nbs/04_checkpoints.ipynb #a8f9db31
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
@@ -79,7 +79,7 @@ class SafetensorsFile:
         dtype, shape, begin = self.entries[name]
         return np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape)), offset=begin).reshape(shape)
 
-# %% ../nbs/04_checkpoints.ipynb #cefe417a
+# %% ../nbs/04_checkpoints.ipynb #107d2017
 class Checkpoint(Protocol):
     """What loading needs from a checkpoint: every tensor's shape, and reading one tensor at a time."""
 
@@ -124,7 +124,7 @@ class SafetensorsCheckpoint:
     def read(self, name: str) -> np.ndarray:
         return self.where[name].read(name)
 
-# %% ../nbs/04_checkpoints.ipynb #018c603a
+# %% ../nbs/04_checkpoints.ipynb #72f3ef33
 def transpose(w: np.ndarray) -> np.ndarray:
     """PyTorch Linear [out, in] -> NNX kernel [in, out]."""
     return w.T
@@ -145,17 +145,21 @@ class KeyMap:
 
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = ()
+    prefix: str = ""   # an optional prefix on every name (GPT-2: "transformer." from save_pretrained, none in OpenAI's files)
+
+    def _strip(self, name: str) -> str:
+        return name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name
 
     def match(self, name: str):
         """-> (rule, {"i": layer}) for the rule that reads tensor `name`; (None, None) if ignored or unknown."""
         for rule in self.rules:
-            found = _pattern(rule.source).fullmatch(name)
+            found = _pattern(rule.source).fullmatch(self._strip(name))
             if found:
                 return rule, found.groupdict()
         return None, None
 
     def ignores(self, name: str) -> bool:
-        return any(_pattern(p).fullmatch(name) for p in self.ignore)
+        return any(_pattern(p).fullmatch(self._strip(name)) for p in self.ignore)
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -207,7 +211,7 @@ def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
                               f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems))
     return plan
 
-# %% ../nbs/04_checkpoints.ipynb #224a4546
+# %% ../nbs/04_checkpoints.ipynb #cff613ae
 def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: KeyMap, dtype="float32") -> nnx.Module:
     """Fill an `nnx.eval_shape`-built model from a checkpoint, one tensor at a time, casting to `dtype`."""
     dtype = resolve_dtype(dtype)
@@ -223,7 +227,7 @@ def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
     flat = [(path, var.replace(values.pop(path))) for path, var in nnx.to_flat_state(params)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
-# %% ../nbs/04_checkpoints.ipynb #ef297e94
+# %% ../nbs/04_checkpoints.ipynb #8ba1fd6e
 def anonymous_memory() -> int:
     """Bytes of this process's anonymous resident memory (RssAnon); file-backed mapped pages are not included."""
     with open("/proc/self/status") as f:
@@ -253,7 +257,7 @@ def peak_memory_growth(fn, *args, interval: float = 0.002, **kwargs):
         sampler.join()
     return result, max(peak, anonymous_memory()) - start
 
-# %% ../nbs/04_checkpoints.ipynb #6feabe04
+# %% ../nbs/04_checkpoints.ipynb #b005d026
 def save_model(model: nnx.Module, directory) -> Path:
     """Write the model's parameters to `directory` (a new folder) with Orbax."""
     import orbax.checkpoint as ocp
