@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'HF_ACTIVATION_NAMES', 'Embedding', 'sinusoidal_positions', 'LayerNorm', 'RMSNorm', 'activation', 'MLP',
-           'GatedMLP']
+           'GatedMLP', 'parameter_count']
 
-# %% ../nbs/02_layers.ipynb #ed6faeda
+# %% ../nbs/02_layers.ipynb #06e95fe0
+import math
 from typing import Callable
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# %% ../nbs/02_layers.ipynb #69ac6362
+# %% ../nbs/02_layers.ipynb #25b3f027
 class Embedding(nnx.Module):
     """A [V, D] lookup table. `attend` reuses it as the tied output projection [.., D] -> [.., V]."""
 
@@ -28,14 +29,14 @@ class Embedding(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x.astype(self.embedding.dtype), self.embedding[...])
 
-# %% ../nbs/02_layers.ipynb #d81ee587
+# %% ../nbs/02_layers.ipynb #f4fed984
 def sinusoidal_positions(positions: jax.Array, features: int, max_timescale: float = 10_000.0) -> jax.Array:
     """Vaswani et al.'s fixed position code: [...] int positions -> [..., D], sin on even and cos on odd dims."""
     rates = 1.0 / max_timescale ** (np.arange(0, features, 2, dtype=np.float32) / features)   # [D/2]
     angles = jnp.asarray(positions, jnp.float32)[..., None] * rates                          # [..., D/2]
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], -1)[..., :features]
 
-# %% ../nbs/02_layers.ipynb #77c65255
+# %% ../nbs/02_layers.ipynb #ad6b7fd1
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis; statistics in float32, result in the input's dtype."""
 
@@ -53,7 +54,7 @@ class LayerNorm(nnx.Module):
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
-# %% ../nbs/02_layers.ipynb #223149ef
+# %% ../nbs/02_layers.ipynb #3b4086f6
 class RMSNorm(nnx.Module):
     """Root-mean-square norm over the last axis, multiplied by `offset + scale` (offset 1.0: Gemma's 1 + w)."""
 
@@ -66,7 +67,7 @@ class RMSNorm(nnx.Module):
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
         return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
-# %% ../nbs/02_layers.ipynb #c5250c85
+# %% ../nbs/02_layers.ipynb #28a26fd5
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -85,7 +86,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
         raise ValueError(f"unknown activation {name!r}; use one of {', '.join(known)}")
     return ACTIVATIONS[key]
 
-# %% ../nbs/02_layers.ipynb #8a0f9562
+# %% ../nbs/02_layers.ipynb #07b5eb1c
 class MLP(nnx.Module):
     """GPT-2's feed-forward block: D -> F -> D with an activation in between (`c_fc`, `c_proj` as in its checkpoint)."""
 
@@ -98,7 +99,7 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.c_proj(self.act(self.c_fc(x)))
 
-# %% ../nbs/02_layers.ipynb #7947a57c
+# %% ../nbs/02_layers.ipynb #9d7f9e77
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with act='silu' (LLaMA, Mistral), GeGLU with 'gelu_tanh' (Gemma)."""
 
@@ -110,3 +111,8 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+# %% ../nbs/02_layers.ipynb #21227183
+def parameter_count(module: nnx.Module) -> int:
+    """Number of parameters of a module — also of an abstract one built by `nnx.eval_shape`, which holds only shapes."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
