@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat settings.ini setup.py | sha1sum | cut -c1-12)
 
-.PHONY: install run test book export clean-nbs readme
+.PHONY: install data run test book export clean-nbs readme
 .DEFAULT_GOAL := test
 
 $(STAMP): settings.ini setup.py
@@ -16,15 +16,22 @@ $(STAMP): settings.ini setup.py
 
 install: $(STAMP)
 
+# Third-party data the chapters check against (GPT-2's vocabulary, llama.cpp's tokenizer tests): fetched, never committed.
+DATA_STAMP := .data/.complete
+$(DATA_STAMP): tests/fetch_data.py | $(STAMP)
+	$(BIN)/python tests/fetch_data.py
+	touch $@
+data: $(DATA_STAMP)
+
 # The main job. Until a model can generate text, it builds the book with every chapter executed.
 run: book
 
 # Everything: repository checks (export, clean notebooks, README), tests/ and every chapter under nbval.
-test: $(STAMP)
+test: $(STAMP) $(DATA_STAMP)
 	$(BIN)/python -m pytest tests nbs --nbval-lax --nbval-current-env -p no:cacheprovider --durations=15
 
 # The book, every chapter executed, warnings are errors.
-book: $(STAMP)
+book: $(STAMP) $(DATA_STAMP)
 	$(BIN)/jupyter-book build . --config book/_config.yml --toc _toc.yml --warningiserror --nitpick --keep-going
 	@echo "open _build/html/index.html"
 

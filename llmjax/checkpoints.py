@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'SAFETENSORS_DTYPES', 'CheckpointError', 'resolve_dtype', 'SafetensorsFile', 'Checkpoint',
-           'SafetensorsCheckpoint', 'transpose', 'Rule', 'KeyMap', 'plan_loading', 'load_weights', 'anonymous_memory',
-           'peak_memory_growth', 'save_model', 'restore_model']
+           'SafetensorsCheckpoint', 'GGUFCheckpoint', 'transpose', 'Rule', 'KeyMap', 'plan_loading', 'load_weights',
+           'anonymous_memory', 'peak_memory_growth', 'save_model', 'restore_model']
 
-# %% ../nbs/04_checkpoints.ipynb #28a9469e
+# %% ../nbs/04_checkpoints.ipynb #cac3c170
 import dataclasses
 import json
 import mmap
@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-# %% ../nbs/04_checkpoints.ipynb #07766ed9
+# %% ../nbs/04_checkpoints.ipynb #e52a4840
 class CheckpointError(ValueError):
     """A checkpoint that can't be loaded; the message says what is wrong and what to do."""
 
@@ -40,7 +40,7 @@ def resolve_dtype(dtype) -> jnp.dtype:
             return jnp.dtype(value)
     raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
 
-# %% ../nbs/04_checkpoints.ipynb #a8f9db31
+# %% ../nbs/04_checkpoints.ipynb #46b377a8
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
@@ -79,7 +79,7 @@ class SafetensorsFile:
         dtype, shape, begin = self.entries[name]
         return np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape)), offset=begin).reshape(shape)
 
-# %% ../nbs/04_checkpoints.ipynb #107d2017
+# %% ../nbs/04_checkpoints.ipynb #21ca7df0
 class Checkpoint(Protocol):
     """What loading needs from a checkpoint: every tensor's shape, and reading one tensor at a time."""
 
@@ -124,7 +124,42 @@ class SafetensorsCheckpoint:
     def read(self, name: str) -> np.ndarray:
         return self.where[name].read(name)
 
-# %% ../nbs/04_checkpoints.ipynb #72f3ef33
+# %% ../nbs/04_checkpoints.ipynb #4ce2fdf8
+class GGUFCheckpoint:
+    """A GGUF file as a Checkpoint: metadata by key, tensors dequantised to float32 one at a time."""
+
+    def __init__(self, path):
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # the reader raises ValueError, struct.error, ... on a damaged file
+            raise CheckpointError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'damaged'}); download it again") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def metadata(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata("general.architecture")
+
+    def shapes(self) -> dict[str, tuple]:
+        return {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self.tensors.items()}
+
+    def tensor_type(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def read(self, name: str) -> np.ndarray:
+        import gguf
+
+        t = self.tensors[name]
+        return gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+# %% ../nbs/04_checkpoints.ipynb #17b74485
 def transpose(w: np.ndarray) -> np.ndarray:
     """PyTorch Linear [out, in] -> NNX kernel [in, out]."""
     return w.T
@@ -211,7 +246,7 @@ def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
                               f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems))
     return plan
 
-# %% ../nbs/04_checkpoints.ipynb #cff613ae
+# %% ../nbs/04_checkpoints.ipynb #3ab8a5cc
 def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: KeyMap, dtype="float32") -> nnx.Module:
     """Fill an `nnx.eval_shape`-built model from a checkpoint, one tensor at a time, casting to `dtype`."""
     dtype = resolve_dtype(dtype)
@@ -227,7 +262,7 @@ def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
     flat = [(path, var.replace(values.pop(path))) for path, var in nnx.to_flat_state(params)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
-# %% ../nbs/04_checkpoints.ipynb #8ba1fd6e
+# %% ../nbs/04_checkpoints.ipynb #b6a0c683
 def anonymous_memory() -> int:
     """Bytes of this process's anonymous resident memory (RssAnon); file-backed mapped pages are not included."""
     with open("/proc/self/status") as f:
@@ -257,7 +292,7 @@ def peak_memory_growth(fn, *args, interval: float = 0.002, **kwargs):
         sampler.join()
     return result, max(peak, anonymous_memory()) - start
 
-# %% ../nbs/04_checkpoints.ipynb #b005d026
+# %% ../nbs/04_checkpoints.ipynb #61a1ce58
 def save_model(model: nnx.Module, directory) -> Path:
     """Write the model's parameters to `directory` (a new folder) with Orbax."""
     import orbax.checkpoint as ocp

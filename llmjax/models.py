@@ -6,7 +6,7 @@
 __all__ = ['ARCHITECTURES', 'REGISTRY', 'DEFAULT_MODEL', 'HUB_FILES', 'Architecture', 'ModelInfo', 'hub_endpoint',
            'hub_reachable', 'download', 'load']
 
-# %% ../nbs/11_models.ipynb #24d48cfd
+# %% ../nbs/11_models.ipynb #22ea25dd
 import dataclasses
 import json
 import os
@@ -16,22 +16,23 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from . import gpt2
-from .checkpoints import CheckpointError, resolve_dtype
+from .checkpoints import CheckpointError, GGUFCheckpoint, resolve_dtype
 
-# %% ../nbs/11_models.ipynb #8b715a57
+# %% ../nbs/11_models.ipynb #58f635fc
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     name: str
     config: type                                     # the config dataclass, with presets
     model: type                                      # the nnx.Module
     from_hf_directory: Callable                      # (directory, dtype) -> model
+    from_gguf: Callable | None = None                # (GGUFCheckpoint, dtype) -> (model, tokenizer)
 
 
 ARCHITECTURES = {
     "gpt2": Architecture("gpt2", gpt2.GPT2Config, gpt2.GPT2, gpt2.from_hf_directory),
 }
 
-# %% ../nbs/11_models.ipynb #5b652d46
+# %% ../nbs/11_models.ipynb #416ab1e4
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -62,7 +63,7 @@ REGISTRY = {m.name: m for m in [
 ]}
 DEFAULT_MODEL = "gpt2"
 
-# %% ../nbs/11_models.ipynb #1ea5f219
+# %% ../nbs/11_models.ipynb #072ea9bb
 def _load_directory(directory: Path, dtype):
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -88,14 +89,24 @@ def _load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
+def _load_gguf(path: Path, dtype):
+    checkpoint = GGUFCheckpoint(path)
+    name = checkpoint.architecture
+    readers = sorted(a.name for a in ARCHITECTURES.values() if a.from_gguf)
+    if name not in ARCHITECTURES or ARCHITECTURES[name].from_gguf is None:
+        raise CheckpointError(f"{path} is a GGUF of architecture {name!r}, which llmjax can't load from GGUF; it reads "
+                              f"GGUF files of: {', '.join(readers) or 'none yet'}")
+    return ARCHITECTURES[name].from_gguf(checkpoint, dtype)
+
+
 def _load_path(path: Path, dtype):
     if path.is_dir():
         return _load_directory(path, dtype)
     if path.suffix == ".gguf":
-        raise CheckpointError(f"{path}: GGUF files are not supported yet; pass a Hugging Face model directory")
+        return _load_gguf(path, dtype)
     raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
 
-# %% ../nbs/11_models.ipynb #585bb6fe
+# %% ../nbs/11_models.ipynb #d45e87f7
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
              "tokenizer.model"]
@@ -130,7 +141,7 @@ def download(repo_id: str) -> Path:
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"downloading {repo_id} from {endpoint} failed: {str(e).splitlines()[0]}") from None
 
-# %% ../nbs/11_models.ipynb #91c29e37
+# %% ../nbs/11_models.ipynb #c10a8945
 def load(source, dtype="float32"):
     """(model, tokenizer) from a path, a registered name or a hub repo id; dtype 'float32' | 'bfloat16' | 'float16'.
 

@@ -1,0 +1,196 @@
+"""llmjax.load: paths, names, the hub through a stand-in server, failure cases, and the torch-free runtime."""
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import llmjax
+from llmjax.checkpoints import CheckpointError, restore_model, save_model
+from llmjax.gpt2 import GPT2, GPT2Config, from_hf_directory
+from llmjax.models import REGISTRY
+
+
+def test_load_by_path_equals_architecture_loader(tiny_gpt2_dir):
+    directory, _ = tiny_gpt2_dir
+    model, tokenizer = llmjax.load(directory)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(from_hf_directory(directory)))
+    assert tokenizer is not None and tokenizer.decode(tokenizer("xyz")["input_ids"]) == "xyz"
+    model_str, _ = llmjax.load(str(directory))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(model_str))
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """Just enough of the Hugging Face hub's HTTP API for snapshot_download: repo info and file resolution."""
+
+    files: dict = {}
+    repo = "tester/tiny-gpt2"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, body: bytes, content_type="application/octet-stream", extra=None, head=False):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _route(self, head=False):
+        path = self.path.split("?")[0]
+        if path.startswith(f"/api/models/{self.repo}/tree/"):
+            tree = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                    for n, b in self.files.items()]
+            return self._send(json.dumps(tree).encode(), "application/json", head=head)
+        if path.startswith(f"/api/models/{self.repo}"):
+            info = {"id": self.repo, "sha": self.commit, "siblings": [{"rfilename": n} for n in self.files]}
+            return self._send(json.dumps(info).encode(), "application/json", {"X-Repo-Commit": self.commit}, head)
+        prefix = f"/{self.repo}/resolve/"
+        if path.startswith(prefix):
+            name = path[len(prefix):].split("/", 1)[1]
+            if name in self.files:
+                body = self.files[name]
+                etag = '"' + hashlib.sha256(body).hexdigest() + '"'
+                return self._send(body, extra={"X-Repo-Commit": self.commit, "ETag": etag}, head=head)
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound" if self.repo not in path else "EntryNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):
+        self._route()
+
+    def do_HEAD(self):
+        self._route(head=True)
+
+
+@pytest.fixture
+def fake_hub(tiny_gpt2_dir, monkeypatch, tmp_path):
+    directory, _ = tiny_gpt2_dir
+    FakeHub.files = {p.name: p.read_bytes() for p in directory.iterdir()}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield directory
+    server.shutdown()
+
+
+def test_download_through_hub_endpoint(fake_hub):
+    model, tokenizer = llmjax.load(FakeHub.repo)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(from_hf_directory(fake_hub)))
+    assert tokenizer is not None
+
+
+def test_unknown_repo_on_reachable_hub(fake_hub):
+    with pytest.raises(CheckpointError, match="no model 'tester/nothing-here'"):
+        llmjax.load("tester/nothing-here")
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # the discard port: nothing listens
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="can't be reached"):
+        llmjax.load("openai-community/gpt2")
+    with pytest.raises(CheckpointError, match="can't be reached"):
+        llmjax.load("gpt2")                                   # a registered name not in the local cache
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("case", ["missing", "no-config", "bad-json", "bert", "truncated", "bin-only", "wrong-shape",
+                                  "dtype", "gguf"])
+def test_bad_input_is_one_clear_line(case, tiny_gpt2_dir, tmp_path):
+    directory, _ = tiny_gpt2_dir
+    target, kwargs = tmp_path / "model", {}
+    target.mkdir()
+    copy = lambda: [(target / f.name).write_bytes(f.read_bytes()) for f in directory.iterdir()]
+    expected = {"missing": "doesn't exist", "no-config": "no config.json", "bad-json": "not valid JSON",
+                "bert": "unsupported architecture", "truncated": "truncated", "bin-only": "pytorch_model.bin",
+                "wrong-shape": "but the config needs", "dtype": "unknown dtype", "gguf": "GGUF"}[case]
+    if case == "missing":
+        target = tmp_path / "absent"
+    elif case == "bad-json":
+        (target / "config.json").write_text("{not json")
+    elif case == "bert":
+        (target / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    elif case == "truncated":
+        copy()
+        data = (target / "model.safetensors").read_bytes()
+        (target / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "bin-only":
+        copy()
+        (target / "model.safetensors").rename(target / "pytorch_model.bin")
+    elif case == "wrong-shape":
+        copy()
+        config = json.loads((target / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps(config | {"n_inner": 89}))
+    elif case == "dtype":
+        copy()
+        kwargs = {"dtype": "float64"}
+    elif case == "gguf":
+        target = tmp_path / "model.gguf"
+        target.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ValueError) as info:
+        llmjax.load(target, **kwargs)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_gguf_of_unknown_architecture(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "mamba.gguf", "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="GGUF of architecture 'mamba'") as info:
+        llmjax.load(tmp_path / "mamba.gguf")
+    assert "\n" not in str(info.value)
+
+
+def test_orbax_round_trip_and_mismatch(tmp_path):
+    model = GPT2(GPT2Config.tiny(), rngs=nnx.Rngs(4))
+    save_model(model, tmp_path / "ckpt")
+    restored = restore_model(nnx.eval_shape(lambda: GPT2(GPT2Config.tiny(), rngs=nnx.Rngs(0))), tmp_path / "ckpt")
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(restored, nnx.Param), nnx.state(model, nnx.Param))
+    other = GPT2Config(vocab_size=257, n_positions=61, n_embd=35, n_layer=2, n_head=5, n_inner=83)
+    with pytest.raises(CheckpointError, match="another shape"):
+        restore_model(nnx.eval_shape(lambda: GPT2(other, rngs=nnx.Rngs(0))), tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_model(model, tmp_path / "ckpt")
+
+
+def test_registry_presets_build():
+    for info in REGISTRY.values():
+        assert info.config is not None and info.source.startswith("hf:")
+
+
+def test_runtime_needs_no_torch(tiny_gpt2_dir):
+    """Load, tokenize and run a model in a process where importing torch fails."""
+    directory, _ = tiny_gpt2_dir
+    code = f"""
+import sys
+sys.modules["torch"] = None
+import llmjax, numpy as np
+model, tok = llmjax.load({str(directory)!r})
+ids = np.asarray(tok("hello")["input_ids"])[None]
+assert model(ids).shape == (1, ids.shape[1], 257)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
