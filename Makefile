@@ -27,8 +27,10 @@ $(DATA_STAMP): tests/fetch_data.py | $(STAMP)
 	touch $@
 data: $(DATA_STAMP)
 
-# The main job. Until a model can generate text, it builds the book with every chapter executed.
-run: book
+# The main job: the default real model (SmolLM2-135M-Instruct, from its PyPI package) answers a question, streaming.
+PROMPT ?= Explain in two sentences why the sky is blue.
+run: $(STAMP)
+	$(BIN)/llmjax generate --chat --max-new-tokens 96 "$(PROMPT)"
 
 # Everything: repository checks (export, clean notebooks, README), tests/ and every chapter under nbval.
 test: $(STAMP) $(DATA_STAMP)

@@ -6,5 +6,6 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/index.ipynb #aa98472e
+# %% ../nbs/index.ipynb #57322175
+from .generation import generate, generate_ids
 from .models import load
