@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['VALIDATION_TEXT', 'generate_command', 'models_table', 'validate_command', 'parser', 'main']
 
-# %% ../nbs/12_cli.ipynb #226651ee
+# %% ../nbs/12_cli.ipynb #a66c9b4d
 import argparse
 import sys
 
 from .models import DEFAULT_MODEL, REGISTRY, load
 
-# %% ../nbs/12_cli.ipynb #c3bd2157
+# %% ../nbs/12_cli.ipynb #53781468
 def generate_command(args, stdin=None) -> int:
     import time
 
@@ -48,7 +48,7 @@ def generate_command(args, stdin=None) -> int:
               f"including compilation]", file=sys.stderr)
     return 0
 
-# %% ../nbs/12_cli.ipynb #6970be47
+# %% ../nbs/12_cli.ipynb #3b0833b1
 def models_table() -> str:
     from flax import nnx
 
@@ -65,7 +65,7 @@ def models_table() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
-# %% ../nbs/12_cli.ipynb #d46a0e16
+# %% ../nbs/12_cli.ipynb #a28361f7
 VALIDATION_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
                    "structure in Paris. Its base is square, measuring 125 metres on each side.")
 
@@ -99,7 +99,7 @@ def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
           f"{'identical' if report.greedy.tokens_equal else 'differ'}")
     return 0 if ok else 1
 
-# %% ../nbs/12_cli.ipynb #9ed82607
+# %% ../nbs/12_cli.ipynb #b9638285
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmjax", description="Open LLMs in JAX: list, validate and run models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -140,4 +140,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"llmjax: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("llmjax: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+# %% ../nbs/12_cli.ipynb #2a42fca1
+if __name__ == "__main__" and "ipykernel" not in sys.modules:
+    sys.exit(main())

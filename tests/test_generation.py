@@ -1,0 +1,102 @@
+"""Generation: samplers' guarantees, padded batches on two architectures, seeds, and the CLI's error handling."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmjax.generation import Sampling, filter_top_k, filter_top_p, generate_ids, sample
+from llmjax.gpt2 import GPT2, GPT2Config
+from llmjax.llama import Llama, LlamaConfig
+
+
+def test_greedy_is_argmax():
+    logits = jax.random.normal(jax.random.key(0), (5, 50))
+    np.testing.assert_array_equal(sample(logits, jax.random.key(1), Sampling()), np.argmax(logits, -1))
+
+
+def test_top_k_and_top_p_never_leave_their_set():
+    logits = jax.random.normal(jax.random.key(2), (64, 40)) * 2
+    probs = np.asarray(jax.nn.softmax(logits))
+    for seed in range(20):
+        key = jax.random.key(seed)
+        k_tokens = np.asarray(sample(logits, key, Sampling(1.0, top_k=5)))
+        top5 = np.argsort(-np.asarray(logits), -1)[:, :5]
+        assert all(t in row for t, row in zip(k_tokens, top5))
+        p_tokens = np.asarray(sample(logits, key, Sampling(1.0, top_p=0.5)))
+        for b, t in enumerate(p_tokens):   # the smallest set of most likely tokens with mass >= 0.5
+            order = np.argsort(-probs[b])
+            size = np.searchsorted(np.cumsum(probs[b][order]), 0.5) + 1
+            assert t in order[:size]
+
+
+def test_sampled_frequencies_match_the_distribution():
+    """Chi-square goodness of fit at temperature 1 on a fixed 6-token distribution (and its top-k=3 renormalisation)."""
+    from scipy.stats import chisquare
+
+    target = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = jnp.log(jnp.asarray(target))[None].repeat(4000, 0)
+    for sampling, expected in [(Sampling(1.0), target), (Sampling(1.0, top_k=3), np.r_[target[:3], 0, 0, 0] / target[:3].sum())]:
+        draws = np.asarray(sample(logits, jax.random.key(5), sampling))
+        counts = np.bincount(draws, minlength=6)
+        keep = expected > 0
+        assert counts[~keep].sum() == 0
+        assert chisquare(counts[keep], expected[keep] * len(draws)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("make", [lambda: GPT2(GPT2Config.tiny(), rngs=nnx.Rngs(1)),
+                                  lambda: Llama(LlamaConfig.tiny(num_key_value_heads=2), rngs=nnx.Rngs(1))],
+                         ids=["gpt2", "llama"])
+def test_padded_batch_equals_rows_alone(make):
+    model = make()
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(3, 200, n).astype(np.int32) for n in (3, 11, 7)]
+    T = max(len(r) for r in rows)
+    batch = np.stack([np.r_[np.zeros(T - len(r), np.int32), r] for r in rows])
+    mask = np.stack([np.r_[np.zeros(T - len(r)), np.ones(len(r))] for r in rows]).astype(np.int32)
+    out = generate_ids(model, batch, mask, max_new_tokens=12, stop_ids=[])
+    for b, row in enumerate(rows):
+        alone = generate_ids(model, row[None], max_new_tokens=12, stop_ids=[])
+        np.testing.assert_array_equal(out[b, T:], alone[0, len(row):])
+
+
+def test_seed_reproduces_and_rows_are_independent():
+    model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(2))
+    ids = np.random.default_rng(1).integers(3, 200, (3, 6)).astype(np.int32)
+    a = generate_ids(model, ids, max_new_tokens=10, temperature=1.5, seed=11)
+    assert (a == generate_ids(model, ids, max_new_tokens=10, temperature=1.5, seed=11)).all()
+    assert (a != generate_ids(model, ids, max_new_tokens=10, temperature=1.5, seed=12)).any()
+    changed = ids.copy()
+    changed[0] = (changed[0] + 1) % 200
+    b = generate_ids(model, changed, max_new_tokens=10, temperature=1.5, seed=11)
+    np.testing.assert_array_equal(a[1:], b[1:])
+
+
+def test_generate_ids_shape_and_bad_arguments():
+    model = GPT2(GPT2Config.tiny(), rngs=nnx.Rngs(0))
+    ids = np.ones((2, 4), np.int32)
+    assert generate_ids(model, ids, max_new_tokens=5).shape == (2, 9)
+    for kwargs in [dict(max_new_tokens=0), dict(temperature=-0.5), dict(top_p=0.0), dict(top_p=1.2), dict(top_k=0)]:
+        with pytest.raises(ValueError):
+            generate_ids(model, ids, **{"max_new_tokens": 3, **kwargs})
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["generate", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "hi", "--model", "/no/such/dir"], "doesn't exist"),
+    (["validate", "--model", "nothing-registered"], "unknown model"),
+])
+def test_cli_errors_are_one_line(args, expected):
+    out = subprocess.run([sys.executable, "-m", "llmjax.cli", *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("llmjax: error:") and expected in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_cli_generate_reads_stdin():
+    out = subprocess.run([sys.executable, "-m", "llmjax.cli", "generate", "--temperature", "0", "--max-new-tokens", "6"],
+                         input="The capital of France is", capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Paris" in out.stdout and "tokens/s" in out.stderr
