@@ -24,3 +24,18 @@ def tiny_gpt2_dir(tmp_path_factory):
     byte_level.pre_tokenizer, byte_level.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level).save_pretrained(directory)
     return directory, reference
+
+
+def assert_parity(model, reference, vocab_size: int, length: int, pad: int, seed: int, atol: float = 1e-5):
+    """Forward (two rows, the first left-padded by `pad`) and 8 greedy steps (second row) within atol of transformers."""
+    import numpy as np
+
+    from llmjax.validation import compare_forward, compare_greedy
+
+    ids = np.random.default_rng(seed).integers(0, vocab_size, (2, length))
+    mask = np.ones_like(ids)
+    mask[0, :pad] = 0
+    report = compare_forward(model, reference, ids, mask)
+    assert report.logits_diff < atol and max(report.hidden_diffs) < atol, report
+    greedy = compare_greedy(model, reference, ids[1:], steps=8)
+    assert greedy.tokens_equal and max(greedy.step_logit_diffs) < atol, greedy

@@ -6,7 +6,7 @@ import transformers
 from flax import nnx
 
 from llmjax.gpt2 import GPT2, GPT2Config, from_hf_directory
-from llmjax.validation import compare_forward, compare_greedy
+from conftest import assert_parity
 
 
 @pytest.mark.parametrize("overrides", [
@@ -25,13 +25,7 @@ def test_parity_other_shapes(tmp_path, overrides):
                 p.add_(0.1 * torch.randn_like(p))
     reference.save_pretrained(tmp_path)
     model = from_hf_directory(tmp_path)
-    ids = np.random.default_rng(2).integers(0, 131, (2, 29))
-    mask = np.ones_like(ids)
-    mask[0, :11] = 0
-    report = compare_forward(model, reference, ids, mask)
-    assert report.logits_diff < 1e-5 and max(report.hidden_diffs) < 1e-5, report
-    greedy = compare_greedy(model, reference, ids[1:], steps=8)
-    assert greedy.tokens_equal and max(greedy.step_logit_diffs) < 1e-5
+    assert_parity(model, reference, vocab_size=131, length=29, pad=11, seed=2)
 
 
 def test_unsupported_variants_are_refused():

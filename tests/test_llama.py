@@ -9,7 +9,7 @@ import transformers
 
 from llmjax.attention import RoPE
 from llmjax.llama import LlamaConfig, from_hf_directory
-from llmjax.validation import compare_forward, compare_greedy
+from conftest import assert_parity
 
 
 @pytest.mark.parametrize("overrides", [
@@ -25,13 +25,7 @@ def test_parity_other_options(tmp_path, overrides):
     reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf(), attn_implementation="eager")).eval()
     reference.save_pretrained(tmp_path)
     model = from_hf_directory(tmp_path)
-    ids = np.random.default_rng(4).integers(0, 97, (2, 40))
-    mask = np.ones_like(ids)
-    mask[1, :13] = 0
-    report = compare_forward(model, reference, ids, mask)
-    assert report.logits_diff < 1e-5 and max(report.hidden_diffs) < 1e-5, report
-    greedy = compare_greedy(model, reference, ids[:1], steps=8)
-    assert greedy.tokens_equal and max(greedy.step_logit_diffs) < 1e-5
+    assert_parity(model, reference, vocab_size=97, length=40, pad=13, seed=4)
 
 
 def test_real_model_runs_without_torch():
