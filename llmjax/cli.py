@@ -5,17 +5,17 @@
 # %% auto #0
 __all__ = ['VALIDATION_TEXT', 'generate_command', 'models_table', 'validate_command', 'parser', 'main']
 
-# %% ../nbs/12_cli.ipynb #a66c9b4d
+# %% ../nbs/12_cli.ipynb #873a6c25
 import argparse
 import sys
 
 from .models import DEFAULT_MODEL, REGISTRY, load
 
-# %% ../nbs/12_cli.ipynb #53781468
+# %% ../nbs/12_cli.ipynb #fe788301
 def generate_command(args, stdin=None) -> int:
     import time
 
-    from llmjax.generation import Sampling, stream_text
+    from llmjax.generation import STREAM_CHUNK, Sampling, stream_text
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -42,13 +42,14 @@ def generate_command(args, stdin=None) -> int:
                              on_token=lambda _: times.append(time.perf_counter())):
         print(piece, end="", flush=True)
     print(flush=True)
-    if times:
-        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
-        print(f"[{len(times)} tokens; {rate:.1f} tokens/s after the first, which took {times[0] - start:.2f} s "
-              f"including compilation]", file=sys.stderr)
+    if times:   # tokens arrive in chunks: rate over the chunks after the first two (which include compilation)
+        steady = [t for t in times if t > times[min(len(times) - 1, STREAM_CHUNK + 1)]]
+        rate = f"{len(steady) / (steady[-1] - times[STREAM_CHUNK + 1]):.1f} tokens/s" if len(steady) > 1 else "too few tokens to time"
+        print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s including compilation]",
+              file=sys.stderr)
     return 0
 
-# %% ../nbs/12_cli.ipynb #3b0833b1
+# %% ../nbs/12_cli.ipynb #9a897b79
 def models_table() -> str:
     from flax import nnx
 
@@ -65,7 +66,7 @@ def models_table() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
-# %% ../nbs/12_cli.ipynb #a28361f7
+# %% ../nbs/12_cli.ipynb #7ae8186a
 VALIDATION_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
                    "structure in Paris. Its base is square, measuring 125 metres on each side.")
 
@@ -99,7 +100,7 @@ def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
           f"{'identical' if report.greedy.tokens_equal else 'differ'}")
     return 0 if ok else 1
 
-# %% ../nbs/12_cli.ipynb #b9638285
+# %% ../nbs/12_cli.ipynb #080e2c24
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmjax", description="Open LLMs in JAX: list, validate and run models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -145,6 +146,6 @@ def main(argv=None) -> int:
         return 130
     return 0
 
-# %% ../nbs/12_cli.ipynb #2a42fca1
+# %% ../nbs/12_cli.ipynb #6001ab63
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())
