@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['VALIDATION_TEXT', 'generate_command', 'models_table', 'validate_command', 'parser', 'main']
 
-# %% ../nbs/12_cli.ipynb #873a6c25
+# %% ../nbs/12_cli.ipynb #94977282
 import argparse
 import sys
 
 from .models import DEFAULT_MODEL, REGISTRY, load
 
-# %% ../nbs/12_cli.ipynb #fe788301
+# %% ../nbs/12_cli.ipynb #dd3c1a84
 def generate_command(args, stdin=None) -> int:
     import time
 
@@ -42,14 +42,16 @@ def generate_command(args, stdin=None) -> int:
                              on_token=lambda _: times.append(time.perf_counter())):
         print(piece, end="", flush=True)
     print(flush=True)
-    if times:   # tokens arrive in chunks: rate over the chunks after the first two (which include compilation)
-        steady = [t for t in times if t > times[min(len(times) - 1, STREAM_CHUNK + 1)]]
-        rate = f"{len(steady) / (steady[-1] - times[STREAM_CHUNK + 1]):.1f} tokens/s" if len(steady) > 1 else "too few tokens to time"
+    if times:   # tokens arrive in chunks; the first two chunks include compilation, so time the ones after them
+        warm = times[min(len(times) - 1, STREAM_CHUNK + 1)]
+        later = [t for t in times if t > warm]
+        rate = (f"{len(later) / (later[-1] - warm):.1f} tokens/s" if len(later) >= STREAM_CHUNK
+                else "too few tokens to time")
         print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s including compilation]",
               file=sys.stderr)
     return 0
 
-# %% ../nbs/12_cli.ipynb #9a897b79
+# %% ../nbs/12_cli.ipynb #8b126382
 def models_table() -> str:
     from flax import nnx
 
@@ -66,7 +68,7 @@ def models_table() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
-# %% ../nbs/12_cli.ipynb #7ae8186a
+# %% ../nbs/12_cli.ipynb #f8f1aca1
 VALIDATION_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
                    "structure in Paris. Its base is square, measuring 125 metres on each side.")
 
@@ -100,7 +102,7 @@ def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
           f"{'identical' if report.greedy.tokens_equal else 'differ'}")
     return 0 if ok else 1
 
-# %% ../nbs/12_cli.ipynb #080e2c24
+# %% ../nbs/12_cli.ipynb #af55a3e8
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmjax", description="Open LLMs in JAX: list, validate and run models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -146,6 +148,6 @@ def main(argv=None) -> int:
         return 130
     return 0
 
-# %% ../nbs/12_cli.ipynb #6001ab63
+# %% ../nbs/12_cli.ipynb #13ebdca9
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())

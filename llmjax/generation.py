@@ -6,7 +6,7 @@
 __all__ = ['PROMPT_BUCKET', 'CACHE_BUCKET', 'DECODE_CHUNK', 'STREAM_CHUNK', 'filter_top_k', 'filter_top_p', 'filter_min_p',
            'Sampling', 'sample', 'bucket', 'cache_layout', 'stop_token_ids', 'generate_ids', 'stream_text', 'generate']
 
-# %% ../nbs/08_generation.ipynb #ff479f47
+# %% ../nbs/08_generation.ipynb #62990097
 import dataclasses
 import functools
 from typing import Iterator, Sequence
@@ -18,7 +18,7 @@ from flax import nnx
 
 from .attention import Attention, KVCache
 
-# %% ../nbs/08_generation.ipynb #d8ba8442
+# %% ../nbs/08_generation.ipynb #841c23eb
 def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
     """Keep the k largest logits of each row, -inf elsewhere."""
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
@@ -74,7 +74,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
-# %% ../nbs/08_generation.ipynb #fa3308be
+# %% ../nbs/08_generation.ipynb #31c4dc84
 PROMPT_BUCKET, CACHE_BUCKET, DECODE_CHUNK, STREAM_CHUNK = 16, 64, 16, 4   # smallest buckets; chunk sizes
 
 
@@ -185,7 +185,7 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32
     ids = np.concatenate([input_ids, out], axis=1)
     return (ids, np.concatenate(logits, axis=1)) if return_logits else ids
 
-# %% ../nbs/08_generation.ipynb #bfc045ed
+# %% ../nbs/08_generation.ipynb #e2ceddc9
 def _pad_id(tokenizer, model) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
@@ -209,20 +209,21 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sa
     pad_id = _pad_id(tokenizer, model)
     stops = stop_token_ids(model, [*(stop_ids or ()), *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])])
     ids, mask = _encode(tokenizer, [prompt], pad_id)
-    made, emitted = [], ""
+    made, emitted, stopped = [], "", False
     for tokens, _ in _chunks(model, ids, mask, max_new_tokens, sampling, seed, stops, pad_id, chunk=STREAM_CHUNK):
         for token in np.asarray(tokens)[0].tolist():
             if on_token is not None:
                 on_token(token)
             if token in stops:
-                return
+                stopped = True
+                break
             made.append(token)
         text = tokenizer.decode(made, skip_special_tokens=True)
-        if text.endswith("\ufffd"):   # half of a multi-byte character: wait for the rest
-            continue
-        if len(text) > len(emitted):
+        if len(text) > len(emitted) and (stopped or not text.endswith("\ufffd")):   # wait for a split character's rest
             yield text[len(emitted):]
             emitted = text
+        if stopped:
+            return
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
