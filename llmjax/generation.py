@@ -6,7 +6,7 @@
 __all__ = ['PROMPT_BUCKET', 'CACHE_BUCKET', 'DECODE_CHUNK', 'STREAM_CHUNK', 'filter_top_k', 'filter_top_p', 'filter_min_p',
            'Sampling', 'sample', 'bucket', 'cache_layout', 'stop_token_ids', 'generate_ids', 'stream_text', 'generate']
 
-# %% ../nbs/08_generation.ipynb #62990097
+# %% ../nbs/08_generation.ipynb #a8a6617c
 import dataclasses
 import functools
 from typing import Iterator, Sequence
@@ -18,7 +18,7 @@ from flax import nnx
 
 from .attention import Attention, KVCache
 
-# %% ../nbs/08_generation.ipynb #841c23eb
+# %% ../nbs/08_generation.ipynb #8eb79ec0
 def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
     """Keep the k largest logits of each row, -inf elsewhere."""
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
@@ -74,7 +74,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
-# %% ../nbs/08_generation.ipynb #31c4dc84
+# %% ../nbs/08_generation.ipynb #508fadb6
 PROMPT_BUCKET, CACHE_BUCKET, DECODE_CHUNK, STREAM_CHUNK = 16, 64, 16, 4   # smallest buckets; chunk sizes
 
 
@@ -120,7 +120,8 @@ def _decode_chunk(graphdef, state, carry, chunk: int, sampling: Sampling, logits
         out_tokens = out_tokens.at[:, i].set(new)
         if logits_width:
             out_logits = out_logits.at[:, i].set(logits)
-        return i + 1, result.cache, new, done | jnp.isin(new, stop), out_tokens, out_logits
+        # a finished row keeps running (shapes are fixed) on token 0: the pad id need not be in the vocabulary
+        return i + 1, result.cache, jnp.where(done, 0, new), done | jnp.isin(new, stop), out_tokens, out_logits
 
     out_logits = jnp.zeros((B, chunk if logits_width else 0, logits_width), jnp.float32)
     i, cache, token, done, out_tokens, out_logits = jax.lax.while_loop(
@@ -139,7 +140,7 @@ def _chunks(model, input_ids, attention_mask, max_new_tokens: int, sampling: Sam
     B, T = input_ids.shape
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     padded = bucket(T, PROMPT_BUCKET)
-    tokens = np.concatenate([np.full((B, padded - T), pad_id, np.int32), input_ids], axis=1)
+    tokens = np.concatenate([np.zeros((B, padded - T), np.int32), input_ids], axis=1)   # masked: any valid id
     mask = np.concatenate([np.zeros((B, padded - T), np.int32), mask], axis=1)
     L, K, d, dtype = cache_layout(model)
     cache = KVCache.create(L, B, bucket(padded + max_new_tokens, CACHE_BUCKET), K, d, dtype)
@@ -150,7 +151,7 @@ def _chunks(model, input_ids, attention_mask, max_new_tokens: int, sampling: Sam
     done = jnp.isin(token, stop)
     yield token[:, None], (logits[:, None] if with_logits else None)
     made = 1
-    carry = (cache, token, done, jnp.int32(0))
+    carry = (cache, jnp.where(done, 0, token), done, jnp.int32(0))
     while made < max_new_tokens and not bool(jnp.all(carry[2])):
         carry, out, out_logits, ran = _decode_chunk(graphdef, state, carry, chunk, sampling,
                                                     logits.shape[-1] if with_logits else 0, stop, jnp.int32(pad_id), key)
@@ -185,7 +186,7 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32
     ids = np.concatenate([input_ids, out], axis=1)
     return (ids, np.concatenate(logits, axis=1)) if return_logits else ids
 
-# %% ../nbs/08_generation.ipynb #e2ceddc9
+# %% ../nbs/08_generation.ipynb #0eaa8e71
 def _pad_id(tokenizer, model) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['KEY_MAP', 'GPT2Config', 'GPT2Block', 'GPT2', 'split_qkv', 'from_hf_directory', 'tokenizer_from_files']
 
-# %% ../nbs/06_gpt2.ipynb #046a2b2a
+# %% ../nbs/06_gpt2.ipynb #e025b552
 import dataclasses
 import json
 from pathlib import Path
@@ -18,7 +18,7 @@ from .attention import Attention, model_output, prepare_inputs, run_blocks
 from .checkpoints import (CheckpointError, KeyMap, Rule, SafetensorsCheckpoint, load_weights, resolve_dtype)
 from .layers import MLP, Embedding, LayerNorm, parameter_count
 
-# %% ../nbs/06_gpt2.ipynb #3b4fa43b
+# %% ../nbs/06_gpt2.ipynb #ed6530de
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
     vocab_size: int = 50257
@@ -61,7 +61,7 @@ class GPT2Config:
 
     @classmethod
     def tiny(cls):
-        return cls(vocab_size=257, n_positions=61, n_embd=35, n_layer=3, n_head=5, n_inner=83)
+        return cls(vocab_size=257, n_positions=61, n_embd=35, n_layer=3, n_head=5, n_inner=83, eos_token_id=256)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "GPT2Config":
@@ -79,7 +79,7 @@ class GPT2Config:
     def to_hf(self) -> dict:
         return dataclasses.asdict(self) | {"model_type": "gpt2", "bos_token_id": self.eos_token_id}
 
-# %% ../nbs/06_gpt2.ipynb #ff8aeb8f
+# %% ../nbs/06_gpt2.ipynb #c455e46b
 class GPT2Block(nnx.Module):
     def __init__(self, config: GPT2Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         D, H = config.n_embd, config.n_head
@@ -110,7 +110,7 @@ class GPT2(nnx.Module):
         x, cache, hidden = run_blocks(self.h, x, positions, valid, cache, self.ln_f, return_hidden_states)
         return model_output(self.wte.attend(x), cache, hidden, return_hidden_states)
 
-# %% ../nbs/06_gpt2.ipynb #b1052d92
+# %% ../nbs/06_gpt2.ipynb #5fa5b128
 def split_qkv(w):
     """c_attn's [.., 3D] weight or bias -> the q, k, v parts [.., D] (Conv1D is already [in, out])."""
     return tuple(jnp.split(w, 3, axis=-1))
@@ -142,7 +142,7 @@ def from_hf_directory(directory, dtype="float32") -> GPT2:
     abstract = nnx.eval_shape(lambda: GPT2(config, dtype=dtype, rngs=nnx.Rngs(0)))
     return load_weights(abstract, SafetensorsCheckpoint.from_directory(directory), KEY_MAP, dtype)
 
-# %% ../nbs/06_gpt2.ipynb #a59a80ae
+# %% ../nbs/06_gpt2.ipynb #8e5fe2bb
 def tokenizer_from_files(vocab_file, merges_file):
     """GPT-2's byte-level BPE tokenizer from OpenAI's encoder.json (= vocab.json) and vocab.bpe (= merges.txt)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

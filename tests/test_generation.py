@@ -100,3 +100,58 @@ def test_cli_generate_reads_stdin():
                          input="The capital of France is", capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Paris" in out.stdout and " tokens; " in out.stderr
+
+
+@pytest.mark.parametrize("make", [lambda: GPT2(GPT2Config(vocab_size=257, n_positions=128, n_embd=35, n_layer=3, n_head=5,
+                                                      n_inner=83), rngs=nnx.Rngs(3)),
+                                  lambda: Llama(LlamaConfig.tiny(num_key_value_heads=2), rngs=nnx.Rngs(3))],
+                         ids=["gpt2", "llama"])
+def test_greedy_equals_transformers_generate(make, tmp_path):
+    """64 greedy tokens: identical to transformers' generate(do_sample=False), logits at every step within 1e-5."""
+    import torch
+    import transformers
+
+    from llmjax.validation import reference_greedy
+
+    model = make()
+    config = model.config.to_hf()
+    hf_class = transformers.GPT2LMHeadModel if config["model_type"] == "gpt2" else transformers.LlamaForCausalLM
+    config_class = transformers.GPT2Config if config["model_type"] == "gpt2" else transformers.LlamaConfig
+    torch.manual_seed(0)
+    reference = hf_class(config_class(**config, attn_implementation="eager")).eval()
+    reference.save_pretrained(tmp_path)
+    import llmjax
+
+    model, _ = llmjax.load(tmp_path)
+    prompt = np.random.default_rng(9).integers(3, 200, (1, 11))
+    ids, logits = generate_ids(model, prompt, max_new_tokens=64, stop_ids=[], return_logits=True)
+    ref_tokens, ref_logits = reference_greedy(reference, prompt, 64)
+    if model.config.eos_token_ids[0] in ref_tokens[0]:   # llmjax stops at EOS; compare up to it
+        end = list(ref_tokens[0]).index(model.config.eos_token_ids[0]) + 1
+    else:
+        end = 64
+    np.testing.assert_array_equal(ids[0, 11:11 + end], ref_tokens[0, :end])
+    np.testing.assert_allclose(logits[0, :end], ref_logits[0, :end], atol=1e-5)
+
+
+def test_streaming_never_splits_a_character(monkeypatch):
+    """Byte-level tokens that cut multi-byte characters apart: no piece holds half a character."""
+    from pathlib import Path
+
+    import llmjax.generation as generation
+    from llmjax.gpt2 import tokenizer_from_files
+
+    data = Path(__file__).resolve().parents[1] / ".data" / "gpt2"
+    tokenizer = tokenizer_from_files(data / "encoder.json", data / "vocab.bpe")
+    text = " Owls 🦉 say hé — 日本語!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)   # some tokens are partial characters
+
+    def fake_chunks(*args, **kwargs):
+        for i in ids:
+            yield np.array([[i]]), None
+
+    monkeypatch.setattr(generation, "_chunks", fake_chunks)
+    model = GPT2(GPT2Config.tiny(), rngs=nnx.Rngs(0))
+    pieces = list(generation.stream_text(model, tokenizer, "x", len(ids), Sampling()))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
