@@ -6,7 +6,7 @@
 __all__ = ['PROMPT_BUCKET', 'CACHE_BUCKET', 'DECODE_CHUNK', 'STREAM_CHUNK', 'filter_top_k', 'filter_top_p', 'filter_min_p',
            'Sampling', 'sample', 'bucket', 'cache_layout', 'stop_token_ids', 'generate_ids', 'stream_text', 'generate']
 
-# %% ../nbs/08_generation.ipynb #a8a6617c
+# %% ../nbs/08_generation.ipynb #6932bf6e
 import dataclasses
 import functools
 from typing import Iterator, Sequence
@@ -18,7 +18,7 @@ from flax import nnx
 
 from .attention import Attention, KVCache
 
-# %% ../nbs/08_generation.ipynb #8eb79ec0
+# %% ../nbs/08_generation.ipynb #3c235b7d
 def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
     """Keep the k largest logits of each row, -inf elsewhere."""
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
@@ -74,7 +74,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
-# %% ../nbs/08_generation.ipynb #508fadb6
+# %% ../nbs/08_generation.ipynb #62e27c19
 PROMPT_BUCKET, CACHE_BUCKET, DECODE_CHUNK, STREAM_CHUNK = 16, 64, 16, 4   # smallest buckets; chunk sizes
 
 
@@ -186,7 +186,7 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32
     ids = np.concatenate([input_ids, out], axis=1)
     return (ids, np.concatenate(logits, axis=1)) if return_logits else ids
 
-# %% ../nbs/08_generation.ipynb #0eaa8e71
+# %% ../nbs/08_generation.ipynb #4c70fad7
 def _pad_id(tokenizer, model) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
