@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['VALIDATION_TEXT', 'generate_command', 'models_table', 'validate_command', 'parser', 'main']
 
-# %% ../nbs/12_cli.ipynb #94977282
+# %% ../nbs/12_cli.ipynb #6b7788d2
 import argparse
 import sys
 
 from .models import DEFAULT_MODEL, REGISTRY, load
 
-# %% ../nbs/12_cli.ipynb #dd3c1a84
+# %% ../nbs/12_cli.ipynb #3c1ca1e4
 def generate_command(args, stdin=None) -> int:
     import time
 
@@ -51,7 +51,7 @@ def generate_command(args, stdin=None) -> int:
               file=sys.stderr)
     return 0
 
-# %% ../nbs/12_cli.ipynb #8b126382
+# %% ../nbs/12_cli.ipynb #4852770a
 def models_table() -> str:
     from flax import nnx
 
@@ -68,17 +68,15 @@ def models_table() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
-# %% ../nbs/12_cli.ipynb #f8f1aca1
+# %% ../nbs/12_cli.ipynb #86282857
 VALIDATION_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
                    "structure in Paris. Its base is square, measuring 125 metres on each side.")
 
 
 def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
-    from pathlib import Path
-
     import numpy as np
 
-    from llmjax.models import REGISTRY, download
+    from llmjax.models import resolve
     from llmjax.validation import validate
 
     try:
@@ -86,15 +84,17 @@ def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise SystemExit('llmjax validate needs the PyTorch reference: pip install "llmjax[reference]"')
-    model, tokenizer = load(source)
+    path = resolve(source)   # both sides read the same files
+    model, tokenizer = load(path)
     if tokenizer is None:
         raise ValueError(f"{source} has no tokenizer, so there is no text to validate on")
-    path = Path(source)
-    if not path.exists():
-        info = REGISTRY.get(source)
-        path = (info.locate() or download(info.source.partition(":")[2])) if info else download(source)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    ids = np.asarray(tokenizer(VALIDATION_TEXT)["input_ids"])[None]
+    where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) if path.suffix == ".gguf" else \
+        dict(pretrained_model_name_or_path=path)
+    reference = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32, attn_implementation="eager").eval()
+    fits = model.config.context_length - steps   # the paragraph and the greedy steps must fit the context
+    if fits < 1:
+        raise ValueError(f"--steps {steps} leaves no room for text in the model's context of {model.config.context_length}")
+    ids = np.asarray(tokenizer(VALIDATION_TEXT)["input_ids"])[None, :fits]
     report = validate(model, reference, ids, steps=steps)
     print(report)
     ok = report.forward.logits_diff <= atol and report.greedy.tokens_equal
@@ -102,7 +102,7 @@ def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
           f"{'identical' if report.greedy.tokens_equal else 'differ'}")
     return 0 if ok else 1
 
-# %% ../nbs/12_cli.ipynb #af55a3e8
+# %% ../nbs/12_cli.ipynb #96edf354
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmjax", description="Open LLMs in JAX: list, validate and run models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -148,6 +148,6 @@ def main(argv=None) -> int:
         return 130
     return 0
 
-# %% ../nbs/12_cli.ipynb #13ebdca9
+# %% ../nbs/12_cli.ipynb #98919838
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())

@@ -6,7 +6,7 @@
 __all__ = ['PROMPT_BUCKET', 'CACHE_BUCKET', 'DECODE_CHUNK', 'STREAM_CHUNK', 'filter_top_k', 'filter_top_p', 'filter_min_p',
            'Sampling', 'sample', 'bucket', 'cache_layout', 'stop_token_ids', 'generate_ids', 'stream_text', 'generate']
 
-# %% ../nbs/08_generation.ipynb #6932bf6e
+# %% ../nbs/08_generation.ipynb #09785eeb
 import dataclasses
 import functools
 from typing import Iterator, Sequence
@@ -18,7 +18,7 @@ from flax import nnx
 
 from .attention import Attention, KVCache
 
-# %% ../nbs/08_generation.ipynb #3c235b7d
+# %% ../nbs/08_generation.ipynb #f90528b7
 def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
     """Keep the k largest logits of each row, -inf elsewhere."""
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
@@ -74,7 +74,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
-# %% ../nbs/08_generation.ipynb #62e27c19
+# %% ../nbs/08_generation.ipynb #0ff64818
 PROMPT_BUCKET, CACHE_BUCKET, DECODE_CHUNK, STREAM_CHUNK = 16, 64, 16, 4   # smallest buckets; chunk sizes
 
 
@@ -186,11 +186,17 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32
     ids = np.concatenate([input_ids, out], axis=1)
     return (ids, np.concatenate(logits, axis=1)) if return_logits else ids
 
-# %% ../nbs/08_generation.ipynb #4c70fad7
+# %% ../nbs/08_generation.ipynb #ae0bf2db
+def _text_stops(model, tokenizer, stop_ids: Sequence[int] | None = None) -> list[int]:
+    """Stop ids for text generation: the model's EOS ids, the tokenizer's EOS and any asked for."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return stop_token_ids(model, [*eos, *(stop_ids or ())])
+
+
 def _pad_id(tokenizer, model) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
-    stops = stop_token_ids(model, [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
+    stops = _text_stops(model, tokenizer)
     return stops[0] if stops else 0
 
 
@@ -208,7 +214,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sa
                 stop_ids: Sequence[int] | None = None, on_token=None) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces; `on_token(id)` is called for every token made."""
     pad_id = _pad_id(tokenizer, model)
-    stops = stop_token_ids(model, [*(stop_ids or ()), *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])])
+    stops = _text_stops(model, tokenizer, stop_ids)
     ids, mask = _encode(tokenizer, [prompt], pad_id)
     made, emitted, stopped = [], "", False
     for tokens, _ in _chunks(model, ids, mask, max_new_tokens, sampling, seed, stops, pad_id, chunk=STREAM_CHUNK):
@@ -241,8 +247,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 32, temperature: f
         return stream_text(model, tokenizer, prompts, max_new_tokens, sampling, seed, stop_ids)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     pad_id = _pad_id(tokenizer, model)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids, mask = _encode(tokenizer, prompts, pad_id)
-    out = generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, [*eos, *(stop_ids or ())],
-                       min_p=min_p, pad_id=pad_id)
+    out = generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed,
+                       _text_stops(model, tokenizer, stop_ids), min_p=min_p, pad_id=pad_id)
     return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'REGISTRY', 'DEFAULT_MODEL', 'HUB_FILES', 'Architecture', 'ModelInfo', 'hub_endpoint',
-           'hub_reachable', 'download', 'load']
+           'hub_reachable', 'download', 'resolve', 'load']
 
-# %% ../nbs/11_models.ipynb #e34eb637
+# %% ../nbs/11_models.ipynb #b71dc63f
 import dataclasses
 import json
 import os
@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from . import gpt2, llama
 from .checkpoints import CheckpointError, GGUFCheckpoint, resolve_dtype
 
-# %% ../nbs/11_models.ipynb #9142df94
+# %% ../nbs/11_models.ipynb #45ef60fc
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     name: str
@@ -33,7 +33,7 @@ ARCHITECTURES = {
     "llama": Architecture("llama", llama.LlamaConfig, llama.Llama, llama.from_hf_directory, llama.from_gguf),
 }
 
-# %% ../nbs/11_models.ipynb #884a6b44
+# %% ../nbs/11_models.ipynb #5510d73d
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -87,7 +87,7 @@ REGISTRY = {m.name: m for m in [
 ]}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-# %% ../nbs/11_models.ipynb #704ab0cb
+# %% ../nbs/11_models.ipynb #7279d5c1
 def _load_directory(directory: Path, dtype):
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -130,7 +130,7 @@ def _load_path(path: Path, dtype):
         return _load_gguf(path, dtype)
     raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
 
-# %% ../nbs/11_models.ipynb #774f3513
+# %% ../nbs/11_models.ipynb #35faeb24
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
              "tokenizer.model"]
@@ -165,23 +165,28 @@ def download(repo_id: str) -> Path:
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"downloading {repo_id} from {endpoint} failed: {str(e).splitlines()[0]}") from None
 
-# %% ../nbs/11_models.ipynb #1fa22dae
-def load(source, dtype="float32"):
-    """(model, tokenizer) from a path, a registered name or a hub repo id; dtype 'float32' | 'bfloat16' | 'float16'.
-
-    The tokenizer is None for a directory that has none."""
-    dtype = resolve_dtype(dtype)
+# %% ../nbs/11_models.ipynb #494a59ad
+def resolve(source) -> Path:
+    """The local files `source` names: an existing path, a registered model's files, or a hub repo downloaded."""
     path = Path(os.fspath(source)).expanduser()
     if path.exists():
-        return _load_path(path, dtype)
+        return path
     source = str(source)
     if source in REGISTRY:
-        return _load_path(REGISTRY[source].fetch(), dtype)
+        return REGISTRY[source].fetch()
     looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.sep + os.sep in source
     if source.count("/") == 1 and not looks_like_path:
-        return _load_path(download(source), dtype)
+        return download(source)
     if looks_like_path or source.count("/") > 1:
         raise CheckpointError(f"{source} doesn't exist; pass a model directory, a .gguf file, or a registered name "
                               f"({', '.join(REGISTRY)})")
     raise CheckpointError(f"unknown model {source!r}: not an existing path, not a registered name "
                           f"({', '.join(REGISTRY)}), not a hub repo id (org/name)")
+
+
+def load(source, dtype="float32"):
+    """(model, tokenizer) from a path, a registered name or a hub repo id; dtype 'float32' | 'bfloat16' | 'float16'.
+
+    The tokenizer is None for a directory that has none."""
+    dtype = resolve_dtype(dtype)
+    return _load_path(resolve(source), dtype)

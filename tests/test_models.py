@@ -205,3 +205,11 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_cli_validate_passes_on_a_checkpoint(tiny_gpt2_dir, capsys):
+    from llmjax.cli import main
+
+    directory, _ = tiny_gpt2_dir
+    assert main(["validate", "--model", str(directory), "--steps", "4"]) == 0
+    assert "PASS" in capsys.readouterr().out
