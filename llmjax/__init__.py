@@ -6,6 +6,6 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/index.ipynb #57322175
+# %% ../nbs/index.ipynb #326111eb
 from .generation import generate, generate_ids
 from .models import load
