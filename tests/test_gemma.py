@@ -140,10 +140,11 @@ def llmjax_model_of(reference, cfg):
 
 
 def write_gguf_like_llama_cpp(reference, cfg: GemmaConfig, path: Path):
-    """A float32 GGUF of a transformers Gemma 3 as llama.cpp's converter writes one: its names, norm scales + 1."""
+    """A float32 GGUF of a transformers Gemma as llama.cpp's converter writes one: its names and metadata, norm
+    scales + 1, Q and K not permuted."""
     import gguf
 
-    writer = gguf.GGUFWriter(path, "gemma3")
+    writer = gguf.GGUFWriter(path, ["gemma", "gemma2", "gemma3"][cfg.version - 1])
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -154,9 +155,17 @@ def write_gguf_like_llama_cpp(reference, cfg: GemmaConfig, path: Path):
     writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope.theta)
-    writer.add_rope_freq_base_swa(cfg.rope_local.theta)
-    writer.add_sliding_window(cfg.sliding_window)
-    writer.add_sliding_window_pattern([t == SLIDING for t in cfg.layer_types])
+    if cfg.version == 2:      # llama.cpp writes the caps and the window; the alternation is implied
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        writer.add_sliding_window(cfg.sliding_window)
+    if cfg.version == 3:
+        writer.add_rope_freq_base_swa(cfg.rope_local.theta)
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([t == SLIDING for t in cfg.layer_types])
+    if cfg.rope.kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope.factor)
     writer.add_tokenizer_model("llama")
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"▁w{i}" for i in range(cfg.vocab_size - 4)]
     writer.add_token_list(tokens)
@@ -165,7 +174,8 @@ def write_gguf_like_llama_cpp(reference, cfg: GemmaConfig, path: Path):
     writer.add_bos_token_id(2)
     writer.add_eos_token_id(1)
     names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+             "post_attention_layernorm": "post_attention_norm" if cfg.version > 1 else "ffn_norm",
+             "pre_feedforward_layernorm": "ffn_norm",
              "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
              "self_attn.k_norm": "attn_k_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
@@ -183,11 +193,15 @@ def write_gguf_like_llama_cpp(reference, cfg: GemmaConfig, path: Path):
     writer.close()
 
 
-def test_gguf_written_like_llama_cpp(tmp_path):
-    cfg = dataclasses.replace(GemmaConfig.tiny(3), rope=RoPE(1e6), query_pre_attn_scalar=10, eos_token_ids=(1,))
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_gguf_written_like_llama_cpp(tmp_path, version):
+    """From a GGUF's metadata alone (what it doesn't hold: llama.cpp's defaults) to the same config and logits."""
+    cfg = dataclasses.replace(GemmaConfig.tiny(version), eos_token_ids=(1,))
+    if version > 1:   # what llama.cpp assumes: attention scale 1/sqrt(d)
+        cfg = dataclasses.replace(cfg, query_pre_attn_scalar=cfg.head_dim)
     reference = random_reference(cfg, seed=2)
     write_gguf_like_llama_cpp(reference, cfg, tmp_path / "tiny.gguf")
-    model, tokenizer = llmjax.load(tmp_path / "tiny.gguf")           # dispatched on general.architecture = gemma3
+    model, tokenizer = llmjax.load(tmp_path / "tiny.gguf")           # dispatched on general.architecture
     assert model.config == cfg and tokenizer("▁w7 ▁w9")["input_ids"][0] == 2
     ids = np.random.default_rng(1).integers(LOW, cfg.vocab_size, (2, 30))
     report = validate(model, reference, ids, steps=16)
