@@ -6,7 +6,7 @@
 __all__ = ['SLIDING', 'FULL', 'GGUF_PROJECTIONS', 'interleaved', 'GemmaConfig', 'embedding_scale', 'softcap', 'GemmaBlock',
            'Gemma', 'hf_key_map', 'minus_one', 'gguf_key_map', 'from_hf_directory', 'from_gguf']
 
-# %% ../nbs/09_gemma.ipynb #2aa3f5f0
+# %% ../nbs/09_gemma.ipynb #b6a63ae5
 import dataclasses
 import json
 import math
@@ -21,7 +21,7 @@ from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, Rule, Safeten
                                 load_weights, resolve_dtype, transpose)
 from .layers import Embedding, GatedMLP, RMSNorm
 
-# %% ../nbs/09_gemma.ipynb #3c418736
+# %% ../nbs/09_gemma.ipynb #1255020f
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -228,17 +228,17 @@ class GemmaConfig:
                    max_position_embeddings=meta("context_length"), eos_token_ids=(eos,) if eos is not None else (),
                    **extra)
 
-# %% ../nbs/09_gemma.ipynb #3b2943fe
+# %% ../nbs/09_gemma.ipynb #729617e5
 def embedding_scale(hidden_size: int, dtype) -> jnp.ndarray:
     """sqrt(D) as transformers' Gemma computes it: a float32 scalar, then cast to the model's dtype."""
     return jnp.asarray(np.float32(math.sqrt(hidden_size))).astype(dtype)
 
-# %% ../nbs/09_gemma.ipynb #1bd09549
+# %% ../nbs/09_gemma.ipynb #954b7c54
 def softcap(x: jnp.ndarray, cap: float | None) -> jnp.ndarray:
     """cap * tanh(x / cap): x squashed smoothly into (-cap, cap); the identity when cap is None."""
     return x if cap is None else cap * jnp.tanh(x / cap)
 
-# %% ../nbs/09_gemma.ipynb #cf90347c
+# %% ../nbs/09_gemma.ipynb #f1ffa1a9
 class GemmaBlock(nnx.Module):
     def __init__(self, config: GemmaConfig, layer: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         D, eps, v = config.hidden_size, config.rms_norm_eps, config.version
@@ -282,7 +282,7 @@ class Gemma(nnx.Module):
         logits = softcap(self.embed_tokens.attend(x).astype(jnp.float32), self.config.final_logit_softcapping)
         return model_output(logits, cache, hidden, return_hidden_states)
 
-# %% ../nbs/09_gemma.ipynb #fc42e313
+# %% ../nbs/09_gemma.ipynb #2e9a5f75
 def _norm_names(config: GemmaConfig) -> dict[str, str]:
     """Our per-layer norm -> (its Hugging Face name, its llama.cpp name)."""
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
