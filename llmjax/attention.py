@@ -6,7 +6,7 @@
 __all__ = ['RoPE', 'rotate_half', 'apply_rope', 'causal_mask', 'sliding_window_mask', 'padding_mask', 'make_attention_mask',
            'attend', 'KVCache', 'Attention', 'ModelOutput', 'prepare_inputs', 'run_blocks', 'model_output']
 
-# %% ../nbs/03_attention.ipynb #7024f1ab
+# %% ../nbs/03_attention.ipynb #c8ebee25
 import dataclasses
 import math
 from typing import Callable
@@ -18,7 +18,7 @@ from flax import nnx
 
 from .layers import Embedding, GatedMLP, RMSNorm
 
-# %% ../nbs/03_attention.ipynb #351fbcfa
+# %% ../nbs/03_attention.ipynb #8c200889
 @dataclasses.dataclass(frozen=True)
 class RoPE:
     """Rotary embedding settings: the base `theta` and a frequency scaling ('default', 'linear' or 'llama3')."""
@@ -89,7 +89,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     x32 = x.astype(jnp.float32)
     return (x32 * jnp.cos(angles) + rotate_half(x32) * jnp.sin(angles)).astype(x.dtype)
 
-# %% ../nbs/03_attention.ipynb #4d06e151
+# %% ../nbs/03_attention.ipynb #cbb50c7f
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
     """[B, T], [B, S] positions -> bool [B, T, S]: a query sees keys at its own or earlier positions."""
     return k_positions[:, None, :] <= q_positions[:, :, None]
@@ -112,28 +112,30 @@ def make_attention_mask(q_positions, k_positions, k_valid, window: int | None = 
         mask &= sliding_window_mask(q_positions, k_positions, window)
     return mask
 
-# %% ../nbs/03_attention.ipynb #5b10e8e3
+# %% ../nbs/03_attention.ipynb #d28f6608
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
            softcap: float | None = None) -> jax.Array:
-    """q [B, T, H, d], k and v [B, S, K, d], mask bool [B, T, S] -> [B, T, H, d]; H must be a multiple of K."""
+    """q [B, T, H, d], k and v [B, K, S, d] (head-major), mask bool [B, T, S] -> [B, T, H, d]; K must divide H."""
     B, T, H, d = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    q = q.reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)    # rows m = (g, t)
+    logits = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, d)
+    logits = jnp.where(mask[:, None, None], logits.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B, K, G * T, S)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(B, K, G, T, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, d)
 
-# %% ../nbs/03_attention.ipynb #f933d500
+# %% ../nbs/03_attention.ipynb #73823a3d
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer, [L, B, S, K, d], with the position and validity of each slot."""
+    """Keys and values of every layer (L arrays [B, K, S, d]), with the position and validity of each slot."""
 
-    keys: jax.Array        # [L, B, S, K, d]
-    values: jax.Array      # [L, B, S, K, d]
+    keys: tuple[jax.Array, ...]     # L arrays [B, K, S, d]
+    values: tuple[jax.Array, ...]   # L arrays [B, K, S, d]
     positions: jax.Array   # int32 [B, S]: position of the token in each slot
     valid: jax.Array       # bool [B, S]: the slot holds a real token (not padding, not yet written)
     length: jax.Array      # int32 []: slots claimed so far
@@ -141,13 +143,14 @@ class KVCache:
     @classmethod
     def create(cls, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
                dtype=jnp.float32) -> "KVCache":
-        shape = (num_layers, batch, max_length, num_kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_length), jnp.int32),
-                   jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
+        shape = (batch, num_kv_heads, max_length, head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+        return cls(zeros(), zeros(), jnp.zeros((batch, max_length), jnp.int32), jnp.zeros((batch, max_length), bool),
+                   jnp.zeros((), jnp.int32))
 
     @property
     def max_length(self) -> int:
-        return self.keys.shape[2]
+        return self.keys[0].shape[2]
 
     def append(self, positions: jax.Array, valid: jax.Array) -> "KVCache":
         """Claim the next T slots for tokens at positions [B, T] (valid [B, T]); layers then fill them."""
@@ -159,12 +162,13 @@ class KVCache:
             length=start + positions.shape[1])
 
     def update_layer(self, layer: int, k: jax.Array, v: jax.Array) -> "KVCache":
-        """Write one layer's keys and values [B, T, K, d] into the slots the last `append` claimed."""
-        at = (layer, 0, self.length - k.shape[1], 0, 0)
-        return dataclasses.replace(self, keys=jax.lax.dynamic_update_slice(self.keys, k[None].astype(self.keys.dtype), at),
-                                   values=jax.lax.dynamic_update_slice(self.values, v[None].astype(self.values.dtype), at))
+        """Write one layer's keys and values [B, K, T, d] into the slots the last `append` claimed."""
+        at = (0, 0, self.length - k.shape[2], 0)
+        write = lambda buffers, new: tuple(jax.lax.dynamic_update_slice(b, new.astype(b.dtype), at) if i == layer else b
+                                           for i, b in enumerate(buffers))
+        return dataclasses.replace(self, keys=write(self.keys, k), values=write(self.values, v))
 
-# %% ../nbs/03_attention.ipynb #f738aecd
+# %% ../nbs/03_attention.ipynb #fa88d8de
 class Attention(nnx.Module):
     """Multi-head / grouped-query / multi-query self-attention with optional RoPE, window, soft-cap and QK-norm."""
 
@@ -198,6 +202,7 @@ class Attention(nnx.Module):
         if self.rope is not None:
             inv_freq = self.rope.inverse_frequencies(self.head_dim)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # head-major [B, K, T, d]
         if cache is None:
             k_positions, k_valid = positions, valid
         else:
@@ -207,7 +212,7 @@ class Attention(nnx.Module):
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
 
-# %% ../nbs/03_attention.ipynb #6840e34b
+# %% ../nbs/03_attention.ipynb #ad5962e9
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ModelOutput:

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['VALIDATION_TEXT', 'generate_command', 'models_table', 'validate_command', 'parser', 'main']
 
-# %% ../nbs/12_cli.ipynb #6b7788d2
+# %% ../nbs/12_cli.ipynb #016f569f
 import argparse
 import sys
 
 from .models import DEFAULT_MODEL, REGISTRY, load
 
-# %% ../nbs/12_cli.ipynb #3c1ca1e4
+# %% ../nbs/12_cli.ipynb #110f9a18
 def generate_command(args, stdin=None) -> int:
     import time
 
@@ -51,7 +51,7 @@ def generate_command(args, stdin=None) -> int:
               file=sys.stderr)
     return 0
 
-# %% ../nbs/12_cli.ipynb #4852770a
+# %% ../nbs/12_cli.ipynb #461fe8f0
 def models_table() -> str:
     from flax import nnx
 
@@ -68,7 +68,7 @@ def models_table() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
-# %% ../nbs/12_cli.ipynb #86282857
+# %% ../nbs/12_cli.ipynb #b2b8772c
 VALIDATION_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
                    "structure in Paris. Its base is square, measuring 125 metres on each side.")
 
@@ -102,7 +102,7 @@ def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
           f"{'identical' if report.greedy.tokens_equal else 'differ'}")
     return 0 if ok else 1
 
-# %% ../nbs/12_cli.ipynb #96edf354
+# %% ../nbs/12_cli.ipynb #b3f8b694
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmjax", description="Open LLMs in JAX: list, validate and run models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -148,6 +148,6 @@ def main(argv=None) -> int:
         return 130
     return 0
 
-# %% ../nbs/12_cli.ipynb #98919838
+# %% ../nbs/12_cli.ipynb #e5cda3a0
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())

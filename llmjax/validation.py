@@ -6,7 +6,7 @@
 __all__ = ['max_abs_diff', 'default_positions', 'ForwardReport', 'compare_forward', 'greedy', 'reference_greedy', 'GreedyReport',
            'compare_greedy', 'ValidationReport', 'validate']
 
-# %% ../nbs/05_validation.ipynb #8069ff97
+# %% ../nbs/05_validation.ipynb #54324e3a
 import dataclasses
 
 import jax
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# %% ../nbs/05_validation.ipynb #c021e8ee
+# %% ../nbs/05_validation.ipynb #7df9f577
 def max_abs_diff(a, b, mask=None) -> float:
     """max |a - b| over the positions where mask [B, T] is true (all positions if None)."""
     d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
@@ -61,7 +61,7 @@ def compare_forward(model, reference, input_ids, attention_mask=None) -> Forward
     hidden = [max_abs_diff(a, b.float().numpy(), mask) for a, b in zip(ours.hidden_states, theirs.hidden_states)]
     return ForwardReport(hidden, max_abs_diff(ours.logits, theirs.logits.float().numpy(), mask))
 
-# %% ../nbs/05_validation.ipynb #ad035526
+# %% ../nbs/05_validation.ipynb #585663ca
 def greedy(model, input_ids, steps: int):
     """Greedy continuation by full forwards over a fixed-length buffer: -> (tokens [B, steps], logits [B, steps, V])."""
     input_ids = np.asarray(input_ids, np.int32)
@@ -91,8 +91,9 @@ def reference_greedy(reference, input_ids, steps: int):
 
     config = GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=0, eos_token_id=None,
                               pad_token_id=0, bos_token_id=None)
-    with torch.no_grad():
-        out = reference.generate(torch.from_numpy(np.asarray(input_ids)).long(), generation_config=config,
+    ids = torch.from_numpy(np.asarray(input_ids)).long()
+    with torch.no_grad():   # an explicit all-ones mask: otherwise generate would take every token 0 for padding
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
                                  output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[:, np.asarray(input_ids).shape[1]:].numpy()
     return tokens, torch.stack(out.logits, 1).float().numpy()

@@ -41,19 +41,19 @@ def test_attend_matches_numpy(H, K, softcap):
     rng = np.random.default_rng(H * 10 + K)
     B, T, S, d = 2, 3, 7, 5
     q = rng.standard_normal((B, T, H, d)).astype(np.float32)
-    k, v = rng.standard_normal((2, B, S, K, d)).astype(np.float32)
+    k, v = rng.standard_normal((2, B, K, S, d)).astype(np.float32)      # head-major, as the cache holds them
     mask = rng.random((B, T, S)) < 0.6
     mask[..., 0] = True
     got = np.asarray(attend(q, k, v, mask, scale=0.37, softcap=softcap))
     want = np.zeros_like(got)
     for b, t, h in itertools.product(range(B), range(T), range(H)):
         kh = h // (H // K)
-        logits = k[b, :, kh] @ q[b, t, h] * 0.37
+        logits = k[b, kh] @ q[b, t, h] * 0.37
         if softcap:
             logits = softcap * np.tanh(logits / softcap)
         logits = np.where(mask[b, t], logits, -np.inf)
         p = np.exp(logits - logits.max())
-        want[b, t, h] = (p / p.sum()) @ v[b, :, kh]
+        want[b, t, h] = (p / p.sum()) @ v[b, kh]
     np.testing.assert_allclose(got, want, **TOL)
 
 

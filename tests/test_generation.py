@@ -97,7 +97,7 @@ def test_cli_errors_are_one_line(args, expected):
 
 def test_cli_generate_reads_stdin():
     out = subprocess.run([sys.executable, "-m", "llmjax.cli", "generate", "--temperature", "0", "--max-new-tokens", "6"],
-                         input="The capital of France is", capture_output=True, text=True, timeout=600)
+                         input="The Eiffel Tower is located in the city of", capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Paris" in out.stdout and " tokens; " in out.stderr
 
