@@ -143,12 +143,12 @@ class LlamaConfig:
 
 # %% ../nbs/07_llama.ipynb #7843b51c
 class LlamaBlock(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, window: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         D = config.hidden_size
         self.input_layernorm = RMSNorm(D, eps=config.rms_norm_eps)
         self.self_attn = Attention(D, config.num_attention_heads, config.num_key_value_heads, config.head_width,
                                    qkv_bias=config.attention_bias, out_bias=config.attention_bias, rope=config.rope,
-                                   dtype=dtype, rngs=rngs)
+                                   window=window, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(D, eps=config.rms_norm_eps)
         self.mlp = GatedMLP(D, config.intermediate_size, activation=config.hidden_act, use_bias=config.mlp_bias,
                             dtype=dtype, rngs=rngs)
@@ -160,12 +160,14 @@ class LlamaBlock(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """LLaMA: RMSNorm, rotary grouped-query attention, SwiGLU, no biases; tied or untied output embedding."""
+    """LLaMA: RMSNorm, rotary grouped-query attention, SwiGLU, no biases; tied or untied output embedding.
+    `window`: every layer attends to the last `window` keys only (Mistral, chapter 10); None: to all."""
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, window: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([LlamaBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List([LlamaBlock(config, window=window, dtype=dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
             config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
