@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from . import gemma, gpt2, llama
+from . import gemma, gpt2, llama, mistral
 from .checkpoints import CheckpointError, GGUFCheckpoint, resolve_dtype
 
 # %% ../nbs/11_models.ipynb #4d7cd2dc
@@ -35,6 +35,8 @@ ARCHITECTURES = {
     "gpt2": Architecture("gpt2", gpt2.GPT2Config, gpt2.GPT2, gpt2.from_hf_directory),
     "llama": Architecture("llama", llama.LlamaConfig, llama.Llama, llama.from_hf_directory, llama.from_gguf),
     "gemma": _gemma, "gemma2": _gemma, "gemma3": _gemma, "gemma3_text": _gemma,
+    "mistral": Architecture("mistral", mistral.MistralConfig, mistral.Mistral, mistral.from_hf_directory),
+    "mixtral": Architecture("mixtral", mistral.MixtralConfig, mistral.Mixtral, mistral.from_hf_directory),
 }
 
 # %% ../nbs/11_models.ipynb #465a576c
