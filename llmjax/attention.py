@@ -9,7 +9,7 @@ __all__ = ['RoPE', 'rotate_half', 'apply_rope', 'causal_mask', 'sliding_window_m
 # %% ../nbs/03_attention.ipynb #c8ebee25
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -132,41 +132,67 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer (L arrays [B, K, S, d]), with the position and validity of each slot."""
+    """Per layer: keys and values [B, K, S_l, d] and each slot's position and validity [B, S_l]. S_l is the cache's
+    capacity, or a sliding window's length W (a ring buffer)."""
 
-    keys: tuple[jax.Array, ...]     # L arrays [B, K, S, d]
-    values: tuple[jax.Array, ...]   # L arrays [B, K, S, d]
-    positions: jax.Array   # int32 [B, S]: position of the token in each slot
-    valid: jax.Array       # bool [B, S]: the slot holds a real token (not padding, not yet written)
-    length: jax.Array      # int32 []: slots claimed so far
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    positions: tuple[jax.Array, ...]   # int32 [B, S_l]: position of the token in each slot
+    valid: tuple[jax.Array, ...]       # bool [B, S_l]: the slot holds a real token (not padding, not yet written)
+    length: jax.Array                  # int32 []: slots used so far (tokens appended, padding included)
+    seen: jax.Array                    # int32 [B]: real tokens of each row so far
+    capacity: int = dataclasses.field(metadata=dict(static=True), default=0)   # most tokens the cache is made for
 
     @classmethod
     def create(cls, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
-               dtype=jnp.float32) -> "KVCache":
-        shape = (batch, num_kv_heads, max_length, head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-        return cls(zeros(), zeros(), jnp.zeros((batch, max_length), jnp.int32), jnp.zeros((batch, max_length), bool),
-                   jnp.zeros((), jnp.int32))
+               dtype=jnp.float32, windows: Sequence[int | None] | None = None) -> "KVCache":
+        """Room for max_length tokens; a layer whose window W is shorter gets a ring of W slots."""
+        windows = list(windows) if windows is not None else [None] * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} windows for {num_layers} layers")
+        sizes = [min(max_length, w) if w else max_length for w in windows]
+        kv = lambda: tuple(jnp.zeros((batch, num_kv_heads, s, head_dim), dtype) for s in sizes)
+        return cls(kv(), kv(), tuple(jnp.zeros((batch, s), jnp.int32) for s in sizes),
+                   tuple(jnp.zeros((batch, s), bool) for s in sizes), jnp.zeros((), jnp.int32),
+                   jnp.zeros((batch,), jnp.int32), max_length)
 
     @property
     def max_length(self) -> int:
-        return self.keys[0].shape[2]
+        return self.capacity
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self))
 
     def append(self, positions: jax.Array, valid: jax.Array) -> "KVCache":
-        """Claim the next T slots for tokens at positions [B, T] (valid [B, T]); layers then fill them."""
-        start = self.length
-        return dataclasses.replace(
-            self,
-            positions=jax.lax.dynamic_update_slice(self.positions, positions.astype(jnp.int32), (0, start)),
-            valid=jax.lax.dynamic_update_slice(self.valid, valid.astype(bool), (0, start)),
-            length=start + positions.shape[1])
+        """Account for T new tokens [B, T]; each layer then writes them with `update_layer`."""
+        return dataclasses.replace(self, length=self.length + positions.shape[1],
+                                   seen=self.seen + valid.sum(-1).astype(jnp.int32))
 
-    def update_layer(self, layer: int, k: jax.Array, v: jax.Array) -> "KVCache":
-        """Write one layer's keys and values [B, K, T, d] into the slots the last `append` claimed."""
-        at = (0, 0, self.length - k.shape[2], 0)
-        write = lambda buffers, new: tuple(jax.lax.dynamic_update_slice(b, new.astype(b.dtype), at) if i == layer else b
-                                           for i, b in enumerate(buffers))
-        return dataclasses.replace(self, keys=write(self.keys, k), values=write(self.values, v))
+    def update_layer(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array):
+        """Write layer `layer`'s new keys and values [B, K, T, d] (positions, valid [B, T]) into its slots.
+
+        Returns (keys, values, key positions, key validity) to attend over, and the updated cache."""
+        T, size = k.shape[2], self.keys[layer].shape[2]
+        start = self.length - T          # the slot index of the first new token (append has run)
+        new = (k, v, positions.astype(jnp.int32), valid.astype(bool))
+        old = (self.keys[layer], self.values[layer], self.positions[layer], self.valid[layer])
+        ring = size < self.capacity
+        if not ring or T == 1:           # write, then attend over the buffer
+            slot = start % size if ring else start
+            written = [jax.lax.dynamic_update_slice(b, x.astype(b.dtype), (0, 0, slot, 0) if b.ndim == 4 else (0, slot))
+                       for b, x in zip(old, new)]
+            view = written
+        else:                            # a prompt into a ring: attend over old and new, keep the newest `size`
+            view = [jnp.concatenate([b, x.astype(b.dtype)], axis=2 if b.ndim == 4 else 1) for b, x in zip(old, new)]
+            n = min(T, size)
+            slots = (start + T - n + jnp.arange(n)) % size
+            written = [b.at[:, :, slots].set(x[:, :, T - n:].astype(b.dtype)) if b.ndim == 4 else
+                       b.at[:, slots].set(x[:, T - n:].astype(b.dtype)) for b, x in zip(old, new)]
+        put = lambda buffers, x: tuple(x if i == layer else b for i, b in enumerate(buffers))
+        cache = dataclasses.replace(self, keys=put(self.keys, written[0]), values=put(self.values, written[1]),
+                                    positions=put(self.positions, written[2]), valid=put(self.valid, written[3]))
+        return (*view, cache)
 
 # %% ../nbs/03_attention.ipynb #fa88d8de
 class Attention(nnx.Module):
@@ -206,8 +232,7 @@ class Attention(nnx.Module):
         if cache is None:
             k_positions, k_valid = positions, valid
         else:
-            cache = cache.update_layer(layer, k, v)
-            k, v, k_positions, k_valid = cache.keys[layer], cache.values[layer], cache.positions, cache.valid
+            k, v, k_positions, k_valid, cache = cache.update_layer(layer, k, v, positions, valid)
         mask = make_attention_mask(positions, k_positions, k_valid, self.window)
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
@@ -231,7 +256,7 @@ def prepare_inputs(tokens: jax.Array, positions: jax.Array | None, attention_mas
         raise ValueError(f"tokens must be [batch, length] token ids, got shape {tokens.shape}")
     valid = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     if positions is None:
-        seen = 0 if cache is None else cache.valid.sum(-1, keepdims=True)
+        seen = 0 if cache is None else cache.seen[:, None]
         positions = seen + jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
     positions = jnp.asarray(positions, jnp.int32)
     if cache is not None:

@@ -6,7 +6,7 @@
 __all__ = ['PROMPT_BUCKET', 'CACHE_BUCKET', 'DECODE_CHUNK', 'STREAM_CHUNK', 'filter_top_k', 'filter_top_p', 'filter_min_p',
            'Sampling', 'sample', 'bucket', 'cache_layout', 'stop_token_ids', 'generate_ids', 'stream_text', 'generate']
 
-# %% ../nbs/08_generation.ipynb #09785eeb
+# %% ../nbs/08_generation.ipynb #d49fc974
 import dataclasses
 import functools
 from typing import Iterator, Sequence
@@ -18,7 +18,7 @@ from flax import nnx
 
 from .attention import Attention, KVCache
 
-# %% ../nbs/08_generation.ipynb #f90528b7
+# %% ../nbs/08_generation.ipynb #a67fc036
 def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
     """Keep the k largest logits of each row, -inf elsewhere."""
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
@@ -74,7 +74,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
-# %% ../nbs/08_generation.ipynb #0ff64818
+# %% ../nbs/08_generation.ipynb #df16ddf1
 PROMPT_BUCKET, CACHE_BUCKET, DECODE_CHUNK, STREAM_CHUNK = 16, 64, 16, 4   # smallest buckets; chunk sizes
 
 
@@ -83,13 +83,14 @@ def bucket(n: int, smallest: int) -> int:
     return max(smallest, 1 << (n - 1).bit_length())
 
 
-def cache_layout(model: nnx.Module) -> tuple[int, int, int, jnp.dtype]:
-    """(layers, kv heads, head width, dtype) of the cache a model needs, read off its attention layers."""
+def cache_layout(model: nnx.Module) -> tuple[int, int, int, jnp.dtype, tuple[int | None, ...]]:
+    """(layers, kv heads, head width, dtype, each layer's window) of the cache a model needs, read off its attention
+    layers."""
     layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, Attention)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Attention layers to cache")
     first = layers[0]
-    return len(layers), first.num_kv_heads, first.head_dim, first.k_proj.kernel.dtype
+    return len(layers), first.num_kv_heads, first.head_dim, first.k_proj.kernel.dtype, tuple(m.window for m in layers)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(4,))
@@ -142,8 +143,8 @@ def _chunks(model, input_ids, attention_mask, max_new_tokens: int, sampling: Sam
     padded = bucket(T, PROMPT_BUCKET)
     tokens = np.concatenate([np.zeros((B, padded - T), np.int32), input_ids], axis=1)   # masked: any valid id
     mask = np.concatenate([np.zeros((B, padded - T), np.int32), mask], axis=1)
-    L, K, d, dtype = cache_layout(model)
-    cache = KVCache.create(L, B, bucket(padded + max_new_tokens, CACHE_BUCKET), K, d, dtype)
+    L, K, d, dtype, windows = cache_layout(model)
+    cache = KVCache.create(L, B, bucket(padded + max_new_tokens, CACHE_BUCKET), K, d, dtype, windows)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
@@ -186,7 +187,7 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32
     ids = np.concatenate([input_ids, out], axis=1)
     return (ids, np.concatenate(logits, axis=1)) if return_logits else ids
 
-# %% ../nbs/08_generation.ipynb #ae0bf2db
+# %% ../nbs/08_generation.ipynb #a051ecad
 def _text_stops(model, tokenizer, stop_ids: Sequence[int] | None = None) -> list[int]:
     """Stop ids for text generation: the model's EOS ids, the tokenizer's EOS and any asked for."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -4,17 +4,18 @@
 
 # %% auto #0
 __all__ = ['max_abs_diff', 'default_positions', 'ForwardReport', 'compare_forward', 'greedy', 'reference_greedy', 'GreedyReport',
-           'compare_greedy', 'ValidationReport', 'validate']
+           'compare_greedy', 'ValidationReport', 'validate', 'load_reference', 'random_pair']
 
-# %% ../nbs/05_validation.ipynb #54324e3a
+# %% ../nbs/05_validation.ipynb #05706e33
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# %% ../nbs/05_validation.ipynb #7df9f577
+# %% ../nbs/05_validation.ipynb #d7ef79cc
 def max_abs_diff(a, b, mask=None) -> float:
     """max |a - b| over the positions where mask [B, T] is true (all positions if None)."""
     d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
@@ -61,7 +62,7 @@ def compare_forward(model, reference, input_ids, attention_mask=None) -> Forward
     hidden = [max_abs_diff(a, b.float().numpy(), mask) for a, b in zip(ours.hidden_states, theirs.hidden_states)]
     return ForwardReport(hidden, max_abs_diff(ours.logits, theirs.logits.float().numpy(), mask))
 
-# %% ../nbs/05_validation.ipynb #585663ca
+# %% ../nbs/05_validation.ipynb #1fb711aa
 def greedy(model, input_ids, steps: int):
     """Greedy continuation by full forwards over a fixed-length buffer: -> (tokens [B, steps], logits [B, steps, V])."""
     input_ids = np.asarray(input_ids, np.int32)
@@ -146,3 +147,34 @@ def validate(model, reference, input_ids, attention_mask=None, steps: int = 32) 
     first = input_ids[:1] if attention_mask is None else input_ids[:1, np.asarray(attention_mask)[0].astype(bool)]
     return ValidationReport(compare_forward(model, reference, input_ids, attention_mask),
                             compare_greedy(model, reference, first, steps))
+
+
+def load_reference(path, dtype=None):
+    """transformers' model of the same files llmjax loads (a directory, or a .gguf file): eager attention, in eval
+    mode, float32 unless `dtype` (a torch dtype) says otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) if path.suffix == ".gguf" else \
+        dict(pretrained_model_name_or_path=path)
+    return AutoModelForCausalLM.from_pretrained(**where, dtype=dtype or torch.float32, attn_implementation="eager").eval()
+
+
+def random_pair(config, seed: int = 0, dtype: str = "float32"):
+    """(llmjax model, transformers model) sharing seeded random weights at the shape of `config` (any llmjax config
+    with `to_hf`): transformers initialises its model, saves it, and llmjax loads those files."""
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmjax.models import load   # chapter 11: any architecture from a directory
+
+    torch.manual_seed(seed)
+    reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_hf()), attn_implementation="eager",
+                                                 dtype=getattr(torch, dtype)).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        model, _ = load(directory, dtype)
+    return model, reference

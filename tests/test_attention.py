@@ -102,9 +102,11 @@ class Decoder(nnx.Module):
         return model_output(self.embed.attend(x), cache, hidden, return_hidden_states)
 
 
+@pytest.mark.parametrize("ring", [False, True])
 @pytest.mark.parametrize("H,K,window", [(4, 4, None), (4, 2, 3), (6, 1, 1), (6, 3, 8), (2, 1, 2)])
-def test_chunked_decode_with_padding_equals_rows_alone(H, K, window):
-    """Left-padded rows, a prompt in two chunks, then single tokens: every real logit equals the row run alone."""
+def test_chunked_decode_with_padding_equals_rows_alone(H, K, window, ring):
+    """Left-padded rows, a prompt in two chunks, then single tokens: every real logit equals the row run alone —
+    with windowed layers' keys in full-length buffers, or in rings of `window` slots (wrapped by either chunk)."""
     rng = np.random.default_rng(H + K)
     model = Decoder(H, K, window, rngs=nnx.Rngs(H * K))
     L, _, d = model.shape
@@ -115,7 +117,9 @@ def test_chunked_decode_with_padding_equals_rows_alone(H, K, window):
     tokens = np.stack([np.r_[np.zeros(T - len(r), np.int32), r] for r in rows])
     mask = np.stack([np.r_[np.zeros(T - len(r)), np.ones(len(r))] for r in rows]).astype(np.int32)
 
-    cache = KVCache.create(L, len(rows), T + 5 + 2, K, d)
+    cache = KVCache.create(L, len(rows), T + 5 + 2, K, d, windows=[window if ring else None] * L)
+    if ring and window:
+        assert cache.keys[0].shape[2] == min(window, T + 7)
     step = jax.jit(lambda m, t, a, c: m(t, attention_mask=a, cache=c))
     graph, state = nnx.split(model)
     run = lambda t, a, c: step(nnx.merge(graph, state), t, a, c)
