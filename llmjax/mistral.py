@@ -7,7 +7,7 @@ __all__ = ['DISPATCH', 'MistralConfig', 'MixtralConfig', 'Mistral', 'from_hf_dir
            'sort_by_expert', 'experts_grouped', 'block_size', 'experts_blocks', 'Experts', 'SparseMoE',
            'load_balancing_loss', 'MoEOutput', 'MixtralBlock', 'Mixtral', 'StackedExperts', 'hf_key_map']
 
-# %% ../nbs/10_mistral.ipynb #3d95a9e3
+# %% ../nbs/10_mistral.ipynb #fba88e62
 import dataclasses
 import json
 import re
@@ -26,7 +26,7 @@ from .layers import Embedding, RMSNorm, activation
 from .llama import Llama, LlamaConfig, gguf_key_map
 from .llama import hf_key_map as llama_hf_key_map
 
-# %% ../nbs/10_mistral.ipynb #7ad48150
+# %% ../nbs/10_mistral.ipynb #6d2d769c
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
     vocab_size: int = 32000
@@ -136,7 +136,7 @@ class MixtralConfig(MistralConfig):
                              rope=RoPE(500.0), sliding_window=sliding_window, eos_token_ids=(),
                              num_local_experts=num_local_experts, num_experts_per_tok=num_experts_per_tok)
 
-# %% ../nbs/10_mistral.ipynb #757b9f89
+# %% ../nbs/10_mistral.ipynb #ce9f4762
 class Mistral(Llama):
     """Mistral: a LLaMA whose attention layers see only the last `sliding_window` keys."""
 
@@ -144,7 +144,7 @@ class Mistral(Llama):
         super().__init__(config.llama(), window=config.sliding_window, dtype=dtype, rngs=rngs)
         self.config = config
 
-# %% ../nbs/10_mistral.ipynb #57523f1e
+# %% ../nbs/10_mistral.ipynb #c7b515e0
 def from_hf_directory(directory, dtype="float32"):
     """A Mistral or Mixtral model from a Hugging Face directory (config.json's model_type says which)."""
     directory, dtype = Path(directory), resolve_dtype(dtype)
@@ -166,7 +166,7 @@ def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32", sliding_window: int |
     abstract = nnx.eval_shape(lambda: Mistral(config, dtype=dtype, rngs=nnx.Rngs(0)))
     return load_weights(abstract, checkpoint, gguf_key_map(config.llama()), dtype), gguf_tokenizer(checkpoint)
 
-# %% ../nbs/10_mistral.ipynb #d69b0f71
+# %% ../nbs/10_mistral.ipynb #3ea95e05
 def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     """Router logits [..., E] -> (weights [..., k] float32 summing to 1, experts [..., k] int32): each token's k most
     probable experts, their softmax probabilities renormalised."""
@@ -174,7 +174,7 @@ def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     weights, experts = jax.lax.top_k(probs, top_k)
     return weights / weights.sum(-1, keepdims=True), experts.astype(jnp.int32)
 
-# %% ../nbs/10_mistral.ipynb #fbbfb5da
+# %% ../nbs/10_mistral.ipynb #7dd55fb4
 def experts_dense(x, gate_proj, up_proj, down_proj, weights, experts, act=jax.nn.silu) -> jax.Array:
     """Reference mixture: x [N, D] through every expert (gate/up [E, D, F], down [E, F, D]); each token's output is
     the sum of its chosen experts' outputs times weights [N, k] (experts [N, k]). Work: E expert MLPs per token."""
@@ -184,7 +184,7 @@ def experts_dense(x, gate_proj, up_proj, down_proj, weights, experts, act=jax.nn
     out = jnp.einsum("enf,efd->end", h, down_proj)                                               # [E, N, D]
     return jnp.einsum("end,ne->nd", out.astype(jnp.float32), combine).astype(x.dtype)
 
-# %% ../nbs/10_mistral.ipynb #fff05ff8
+# %% ../nbs/10_mistral.ipynb #760d3c24
 def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
     """experts [N, k] -> (order [N k]: the assignments sorted by expert, stably; sizes [E]: how many each expert got).
     Assignment a is token a // k's choice a % k."""
@@ -245,7 +245,7 @@ def experts_blocks(x, gate_proj, up_proj, down_proj, weights, experts, act=jax.n
 
 DISPATCH = {"dense": experts_dense, "grouped": experts_grouped, "blocks": experts_blocks}
 
-# %% ../nbs/10_mistral.ipynb #04777713
+# %% ../nbs/10_mistral.ipynb #4c4daec1
 class Experts(nnx.Module):
     """E gated MLPs, stored stacked: gate_proj and up_proj [E, D, F], down_proj [E, F, D]."""
 
@@ -278,7 +278,7 @@ class SparseMoE(nnx.Module):
                                     flat(experts), self.act)
         return y.reshape(x.shape), router_logits
 
-# %% ../nbs/10_mistral.ipynb #e6d8c66f
+# %% ../nbs/10_mistral.ipynb #35ba1d94
 def load_balancing_loss(router_logits: Sequence[jax.Array], top_k: int, attention_mask=None) -> jax.Array:
     """Switch Transformer's auxiliary loss E · Σ_e f_e P_e over every layer's router logits ([B, T, E] each), as
     transformers' `load_balancing_loss_func`: f_e the fraction of assignments (all k per token) to expert e, P_e the
@@ -296,7 +296,7 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], top_k: int, attentio
     P = (probs * keep[:, None]).sum(0) / rows
     return E * jnp.sum(f * P)
 
-# %% ../nbs/10_mistral.ipynb #89104e2d
+# %% ../nbs/10_mistral.ipynb #d7e4a3c3
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MoEOutput(ModelOutput):
@@ -349,7 +349,7 @@ class Mixtral(nnx.Module):
             return MoEOutput(logits.astype(jnp.float32), cache, hidden, tuple(routers))
         return model_output(logits, cache, hidden, return_hidden_states)
 
-# %% ../nbs/10_mistral.ipynb #78137655
+# %% ../nbs/10_mistral.ipynb #dc34748d
 class StackedExperts:
     """A checkpoint seen with experts stored one by one (`….experts.{e}.w1.weight`) stacked into one tensor per layer
     and kind (`….experts.w1.weight` [E, …]); every other tensor passes through."""
