@@ -197,7 +197,8 @@ def test_mixtral_of_identical_experts_is_mistral():
             kernel = getattr(d.mlp, name).kernel[...]
             getattr(m.mlp.experts, name)[...] = jnp.broadcast_to(kernel, (4, *kernel.shape))
     ids = np.random.default_rng(0).integers(0, dense_cfg.vocab_size, (2, 25))
-    out = moe(ids, return_router_logits=True)
+    graphdef, state = nnx.split(moe)
+    out = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids, return_router_logits=True))(state, ids)
     assert len({tuple(np.asarray(route(r, 2)[1]).ravel()) for r in out.router_logits}) > 1   # the routing varies
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(dense(ids)), atol=1e-5)
 
@@ -275,9 +276,9 @@ def transformers_twin(model: Mistral):
 
 @needs_smollm2
 def test_smollm2_weights_with_a_window():
-    """The GGUF loads unchanged into Mistral (the chapter shows that without a window it is the LLaMA path, bit for
-    bit); with a window of 8 it equals transformers' MistralForCausalLM on the same weights, and 32 greedy tokens with
-    the KV cache equal transformers' generate, out to six windows.
+    """The GGUF loads unchanged into Mistral and, with a window of 8, equals transformers' MistralForCausalLM on the
+    same weights on a text of its own (the chapter shows, on another, that without a window it is the LLaMA path bit
+    for bit, and that 48 greedy tokens with the KV cache equal transformers' generate).
 
     Bounds: with its attention sink out of the window, SmolLM2's layer 12 amplifies float32 rounding some 500-fold at
     a few positions of this text (|hidden| ~300 there): llmjax's own logits at position 18 move by 6e-3 when the
@@ -305,7 +306,3 @@ def test_smollm2_weights_with_a_window():
     np.testing.assert_array_equal(logits.argmax(-1), theirs.logits.numpy().argmax(-1))
     moved = np.abs(logits - np.asarray(smol(ids)))[0].max(-1)
     assert moved[:8].max() == 0 and moved[8:].min() > 1e-2           # the window is in play, after 8 tokens only
-    prompt = ids[:, :16]
-    generated = generate_ids(smol8, prompt, max_new_tokens=32)[:, 16:]
-    expected, _ = reference_greedy(reference, prompt, 32)
-    np.testing.assert_array_equal(generated, expected)
