@@ -149,7 +149,9 @@ def machine() -> dict:
 def run(sources, batches=(1, 8), prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3,
         dtype: str = "float32", reference: bool = True, log=None) -> dict:
     """Bench every source at every batch size; `log(row)` is called as each case finishes."""
-    results = dict(machine=machine(), dtype=dtype, date=time.strftime("%Y-%m-%d"), rows=[])
+    import os
+    results = dict(machine=machine(), dtype=dtype, date=time.strftime("%Y-%m-%d"), rows=[],
+                   load_before=os.getloadavg()[0])   # a busy machine slows both sides, and PyTorch's threads more
     results["bandwidth_bytes_s"] = bandwidth = read_bandwidth()
     for source in sources:
         model, hf = load_pair(source, dtype, reference)
@@ -159,6 +161,7 @@ def run(sources, batches=(1, 8), prompt_tokens: int = 32, new_tokens: int = 128,
             if log is not None:
                 log(row)
         del model, hf
+    results["load_after"] = os.getloadavg()[0]
     return results
 
 # %% ../nbs/13_bench.ipynb #ab9cadb0
