@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['DTYPES', 'SAFETENSORS_DTYPES', 'CheckpointError', 'resolve_dtype', 'SafetensorsFile', 'Checkpoint',
            'SafetensorsCheckpoint', 'GGUFCheckpoint', 'gguf_tokenizer', 'transpose', 'Rule', 'KeyMap', 'plan_loading',
-           'load_weights', 'anonymous_memory', 'peak_memory_growth', 'save_model', 'restore_model']
+           'load_weights', 'load_model', 'hf_config', 'anonymous_memory', 'peak_memory_growth', 'save_model',
+           'restore_model']
 
 # %% ../nbs/04_checkpoints.ipynb #549e2178
 import dataclasses
@@ -282,6 +283,22 @@ def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
         del array, out
     flat = [(path, var.replace(values.pop(path))) for path, var in nnx.to_flat_state(params)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def load_model(model_cls, config, checkpoint: Checkpoint, key_map: KeyMap, dtype="float32") -> nnx.Module:
+    """`model_cls(config, dtype=..., rngs=...)` built abstractly — no memory for its parameters — then filled from
+    `checkpoint`: what every architecture's loaders do."""
+    dtype = resolve_dtype(dtype)
+    abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return load_weights(abstract, checkpoint, key_map, dtype)
+
+
+def hf_config(directory) -> dict:
+    """A Hugging Face model directory's config.json, as a dict."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model directory?")
+    return json.loads(path.read_text())
 
 # %% ../nbs/04_checkpoints.ipynb #bbd02e7c
 def anonymous_memory() -> int:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from .attention import Attention, RoPE, model_output, prepare_inputs, run_blocks
 from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, Rule, SafetensorsCheckpoint, gguf_tokenizer,
-                                load_weights, resolve_dtype, transpose)
+                                hf_config, load_model, transpose)
 from .layers import Embedding, GatedMLP, RMSNorm
 
 # %% ../nbs/09_gemma.ipynb #1255020f
@@ -329,15 +329,11 @@ def gguf_key_map(config: GemmaConfig) -> KeyMap:
 
 
 def from_hf_directory(directory, dtype="float32") -> Gemma:
-    directory, dtype = Path(directory), resolve_dtype(dtype)
-    config = GemmaConfig.from_hf(json.loads((directory / "config.json").read_text()))
-    abstract = nnx.eval_shape(lambda: Gemma(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_weights(abstract, SafetensorsCheckpoint.from_directory(directory), hf_key_map(config), dtype)
+    config = GemmaConfig.from_hf(hf_config(directory))
+    return load_model(Gemma, config, SafetensorsCheckpoint.from_directory(directory), hf_key_map(config), dtype)
 
 
 def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32"):
     """(model, tokenizer) from a llama.cpp GGUF of Gemma 1, 2 or 3: config and tokenizer from its metadata."""
-    dtype = resolve_dtype(dtype)
     config = GemmaConfig.from_gguf(checkpoint)
-    abstract = nnx.eval_shape(lambda: Gemma(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_weights(abstract, checkpoint, gguf_key_map(config), dtype), gguf_tokenizer(checkpoint)
+    return load_model(Gemma, config, checkpoint, gguf_key_map(config), dtype), gguf_tokenizer(checkpoint)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import Attention, model_output, prepare_inputs, run_blocks
-from .checkpoints import (CheckpointError, KeyMap, Rule, SafetensorsCheckpoint, load_weights, resolve_dtype)
+from .checkpoints import CheckpointError, KeyMap, Rule, SafetensorsCheckpoint, hf_config, load_model
 from .layers import MLP, Embedding, LayerNorm, parameter_count
 
 # %% ../nbs/06_gpt2.ipynb #ed6530de
@@ -136,11 +136,8 @@ KEY_MAP = KeyMap(
 
 def from_hf_directory(directory, dtype="float32") -> GPT2:
     """A GPT-2 from a Hugging Face directory (config.json + safetensors), built abstractly and filled tensor by tensor."""
-    directory = Path(directory)
-    config = GPT2Config.from_hf(json.loads((directory / "config.json").read_text()))
-    dtype = resolve_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: GPT2(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_weights(abstract, SafetensorsCheckpoint.from_directory(directory), KEY_MAP, dtype)
+    config = GPT2Config.from_hf(hf_config(directory))
+    return load_model(GPT2, config, SafetensorsCheckpoint.from_directory(directory), KEY_MAP, dtype)
 
 # %% ../nbs/06_gpt2.ipynb #8e5fe2bb
 def tokenizer_from_files(vocab_file, merges_file):

@@ -15,7 +15,7 @@ from flax import nnx
 
 from .attention import Attention, RoPE, model_output, prepare_inputs, run_blocks
 from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, Rule, SafetensorsCheckpoint, gguf_tokenizer,
-                                load_weights, resolve_dtype, transpose)
+                                hf_config, load_model, transpose)
 from .layers import Embedding, GatedMLP, RMSNorm
 
 # %% ../nbs/07_llama.ipynb #9ff7812d
@@ -223,15 +223,11 @@ def gguf_key_map(config: LlamaConfig) -> KeyMap:
 
 
 def from_hf_directory(directory, dtype="float32") -> Llama:
-    directory, dtype = Path(directory), resolve_dtype(dtype)
-    config = LlamaConfig.from_hf(json.loads((directory / "config.json").read_text()))
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_weights(abstract, SafetensorsCheckpoint.from_directory(directory), hf_key_map(config), dtype)
+    config = LlamaConfig.from_hf(hf_config(directory))
+    return load_model(Llama, config, SafetensorsCheckpoint.from_directory(directory), hf_key_map(config), dtype)
 
 
 def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32"):
     """(model, tokenizer) from a llama.cpp GGUF: config and tokenizer from its metadata, weights dequantised."""
-    dtype = resolve_dtype(dtype)
     config = LlamaConfig.from_gguf(checkpoint)
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_weights(abstract, checkpoint, gguf_key_map(config), dtype), gguf_tokenizer(checkpoint)
+    return load_model(Llama, config, checkpoint, gguf_key_map(config), dtype), gguf_tokenizer(checkpoint)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from .attention import Attention, ModelOutput, RoPE, model_output, prepare_inputs
 from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, Rule, SafetensorsCheckpoint, gguf_tokenizer,
-                                load_weights, resolve_dtype, transpose)
+                                hf_config, load_model, transpose)
 from .layers import Embedding, RMSNorm, activation
 from .llama import Llama, LlamaConfig, gguf_key_map
 from .llama import hf_key_map as llama_hf_key_map
@@ -147,24 +147,19 @@ class Mistral(Llama):
 # %% ../nbs/10_mistral.ipynb #c7b515e0
 def from_hf_directory(directory, dtype="float32"):
     """A Mistral or Mixtral model from a Hugging Face directory (config.json's model_type says which)."""
-    directory, dtype = Path(directory), resolve_dtype(dtype)
-    hf = json.loads((directory / "config.json").read_text())
+    hf = hf_config(directory)
     checkpoint = SafetensorsCheckpoint.from_directory(directory)
     if hf.get("model_type") == "mixtral":
         config = MixtralConfig.from_hf(hf)
-        abstract = nnx.eval_shape(lambda: Mixtral(config, dtype=dtype, rngs=nnx.Rngs(0)))
-        return load_weights(abstract, StackedExperts(checkpoint), hf_key_map(config), dtype)
+        return load_model(Mixtral, config, StackedExperts(checkpoint), hf_key_map(config), dtype)
     config = MistralConfig.from_hf(hf)
-    abstract = nnx.eval_shape(lambda: Mistral(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_weights(abstract, checkpoint, llama_hf_key_map(config.llama()), dtype)
+    return load_model(Mistral, config, checkpoint, llama_hf_key_map(config.llama()), dtype)
 
 
 def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32", sliding_window: int | None = None):
     """(model, tokenizer) from a LLaMA-architecture GGUF (how llama.cpp stores Mistral), with the window given."""
-    dtype = resolve_dtype(dtype)
     config = MistralConfig.from_llama(LlamaConfig.from_gguf(checkpoint), sliding_window)
-    abstract = nnx.eval_shape(lambda: Mistral(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return load_weights(abstract, checkpoint, gguf_key_map(config.llama()), dtype), gguf_tokenizer(checkpoint)
+    return load_model(Mistral, config, checkpoint, gguf_key_map(config.llama()), dtype), gguf_tokenizer(checkpoint)
 
 # %% ../nbs/10_mistral.ipynb #3ea95e05
 def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
