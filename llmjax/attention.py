@@ -141,7 +141,7 @@ class KVCache:
     valid: tuple[jax.Array, ...]       # bool [B, S_l]: the slot holds a real token (not padding, not yet written)
     length: jax.Array                  # int32 []: slots used so far (tokens appended, padding included)
     seen: jax.Array                    # int32 [B]: real tokens of each row so far
-    capacity: int = dataclasses.field(metadata=dict(static=True), default=0)   # most tokens the cache is made for
+    capacity: int = dataclasses.field(metadata=dict(static=True))   # most tokens (slots) the cache is made for
 
     @classmethod
     def create(cls, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
@@ -173,22 +173,27 @@ class KVCache:
         """Write layer `layer`'s new keys and values [B, K, T, d] (positions, valid [B, T]) into its slots.
 
         Returns (keys, values, key positions, key validity) to attend over, and the updated cache."""
-        T, size = k.shape[2], self.keys[layer].shape[2]
-        start = self.length - T          # the slot index of the first new token (append has run)
+        B, T, size = k.shape[0], k.shape[2], self.keys[layer].shape[2]
         new = (k, v, positions.astype(jnp.int32), valid.astype(bool))
         old = (self.keys[layer], self.values[layer], self.positions[layer], self.valid[layer])
-        ring = size < self.capacity
-        if not ring or T == 1:           # write, then attend over the buffer
-            slot = start % size if ring else start
-            written = [jax.lax.dynamic_update_slice(b, x.astype(b.dtype), (0, 0, slot, 0) if b.ndim == 4 else (0, slot))
+        if size >= self.capacity:        # a full buffer: the T new slots are [length - T, length), write then attend
+            start = self.length - T      # (append has run)
+            written = [jax.lax.dynamic_update_slice(b, x.astype(b.dtype), (0, 0, start, 0) if b.ndim == 4 else (0, start))
                        for b, x in zip(old, new)]
-            view = written
-        else:                            # a prompt into a ring: attend over old and new, keep the newest `size`
-            view = [jnp.concatenate([b, x.astype(b.dtype)], axis=2 if b.ndim == 4 else 1) for b, x in zip(old, new)]
-            n = min(T, size)
-            slots = (start + T - n + jnp.arange(n)) % size
-            written = [b.at[:, :, slots].set(x[:, :, T - n:].astype(b.dtype)) if b.ndim == 4 else
-                       b.at[:, slots].set(x[:, T - n:].astype(b.dtype)) for b, x in zip(old, new)]
+            return self._put(layer, written, written)
+        # A ring: row b's n-th real token goes to slot n mod W; padding is not written, and of a prompt longer than
+        # the ring only each row's newest W real tokens are.
+        rank = (self.seen - new[3].sum(-1))[:, None] + jnp.cumsum(new[3], axis=1) - 1    # [B, T]
+        keep = new[3] & (self.seen[:, None] - 1 - rank < size)
+        slots, rows = jnp.where(keep, rank % size, size), jnp.arange(B)[:, None]        # slot `size`: dropped
+        written = [b.at[rows, :, slots].set(x.transpose(0, 2, 1, 3).astype(b.dtype), mode="drop") if b.ndim == 4 else
+                   b.at[rows, slots].set(x.astype(b.dtype), mode="drop") for b, x in zip(old, new)]
+        if T == 1:                       # the slot it overwrites held a token W real tokens back: out of the window
+            return self._put(layer, written, written)
+        view = [jnp.concatenate([b, x.astype(b.dtype)], axis=2 if b.ndim == 4 else 1) for b, x in zip(old, new)]
+        return self._put(layer, written, view)     # a prompt: attend over the old ring and the new tokens
+
+    def _put(self, layer: int, written, view):
         put = lambda buffers, x: tuple(x if i == layer else b for i, b in enumerate(buffers))
         cache = dataclasses.replace(self, keys=put(self.keys, written[0]), values=put(self.values, written[1]),
                                     positions=put(self.positions, written[2]), valid=put(self.valid, written[3]))

@@ -18,21 +18,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .generation import Sampling, _chunks, cache_layout
+from .generation import DECODE_CHUNK, Sampling, _chunks, cache_layout
 from .layers import Embedding
 
 # %% ../nbs/13_bench.ipynb #b353b691
 def read_bandwidth(gibibytes: float = 2.0, repeats: int = 5) -> float:
-    """Bytes per second this machine reads from memory, as XLA sees it: a jitted sum over a large float32 array."""
-    x = jnp.ones((int(gibibytes * 2**30) // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
+    """Bytes per second this machine reads from memory, as XLA sees it: a jitted float32 matrix-vector product over
+    a large matrix (a plain sum runs on one core)."""
+    matrix = jnp.ones((int(gibibytes * 2**30) // (4 * 4096), 4096), jnp.float32)
+    vector = jnp.ones((4096,), jnp.float32)
+    product = jax.jit(jnp.matmul)
+    product(matrix, vector).block_until_ready()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        total(x).block_until_ready()
+        product(matrix, vector).block_until_ready()
         times.append(time.perf_counter() - start)
-    return x.nbytes / statistics.median(times)
+    return matrix.nbytes / statistics.median(times)
 
 
 def weight_bytes_per_token(model) -> int:
@@ -45,8 +47,8 @@ def weight_bytes_per_token(model) -> int:
 
 
 def cache_bytes(model, batch: int, filled: float) -> float:
-    """Bytes of keys and values a step reads when `filled` positions of each row are in the cache (a sliding-window
-    layer keeps at most its window)."""
+    """Bytes of keys and values a step needs to read when `filled` positions of each row are in the cache (a
+    sliding-window layer keeps at most its window). llmjax reads more: attention runs over every slot of the cache."""
     _, kv_heads, head_dim, dtype, windows = cache_layout(model)
     slots = sum(min(filled, w) if w else filled for w in windows)
     return 2 * slots * batch * kv_heads * head_dim * jnp.dtype(dtype).itemsize
@@ -82,10 +84,13 @@ def bench_case(model, reference, batch: int, prompt_tokens: int, new_tokens: int
     """Time one (model, batch) case; reference None skips transformers. Times in seconds, rates per second."""
     if new_tokens < 2:
         raise ValueError(f"--new-tokens must be at least 2 to time a decode step, got {new_tokens}")
+    if prompt_tokens + new_tokens > model.config.context_length:
+        raise ValueError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the model's context of "
+                         f"{model.config.context_length}")
     ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, prompt_tokens), dtype=np.int32)
     cold_first, _ = time_llmjax(model, ids, new_tokens)        # compiles prefill and the decode chunk
     if reference is not None:
-        time_transformers(reference, ids, 2)                    # transformers' own warm-up
+        time_transformers(reference, ids, new_tokens)           # transformers' own warm-up, to full length
     ours, one, full = [], [], []
     for _ in range(repeats):                                    # interleaved: noise hits both alike
         ours.append(time_llmjax(model, ids, new_tokens))
@@ -93,16 +98,19 @@ def bench_case(model, reference, batch: int, prompt_tokens: int, new_tokens: int
             one.append(time_transformers(reference, ids, 1))
             full.append(time_transformers(reference, ids, new_tokens))
     first = statistics.median(t for t, _ in ours)
-    step = statistics.median(t for _, t in ours) / (new_tokens - 1)
+    decode = statistics.median(t for _, t in ours)
+    step = decode / (new_tokens - 1)                                     # per token delivered
+    steps_run = -(-(new_tokens - 1) // DECODE_CHUNK) * DECODE_CHUNK      # whole chunks
     read = weight_bytes_per_token(model) + cache_bytes(model, batch, prompt_tokens + new_tokens / 2)
     row = dict(batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens, ttft_cold_s=cold_first, ttft_s=first,
                prefill_tok_s=batch * prompt_tokens / first, step_s=step, decode_tok_s=batch / step,
-               bytes_per_step=read, roofline=read / bandwidth / step)
+               bytes_per_step=read, roofline=read / bandwidth / (decode / steps_run))
     if reference is not None:
         hf_first = statistics.median(one)
         hf_step = (statistics.median(full) - hf_first) / (new_tokens - 1)
-        row |= dict(hf_ttft_s=hf_first, hf_prefill_tok_s=batch * prompt_tokens / hf_first, hf_step_s=hf_step,
-                    hf_decode_tok_s=batch / hf_step, speedup=hf_step / step)
+        row |= dict(hf_ttft_s=hf_first, hf_prefill_tok_s=batch * prompt_tokens / hf_first)
+        if hf_step > 0:   # too few new tokens on a noisy machine can make the difference vanish
+            row |= dict(hf_step_s=hf_step, hf_decode_tok_s=batch / hf_step, speedup=hf_step / step)
     return row
 
 # %% ../nbs/13_bench.ipynb #63e31057
@@ -116,9 +124,13 @@ def load_pair(source: str, dtype: str = "float32", reference: bool = True):
         try:
             _, arch, preset = source.split(":")
             config = getattr(ARCHITECTURES[arch].config, preset)()
-        except (ValueError, KeyError, AttributeError):
+        except (ValueError, KeyError, AttributeError, TypeError):
             raise ValueError(f"{source!r}: expected random:<architecture>:<preset>, e.g. random:gpt2:gpt2 "
                              f"(architectures: {', '.join(ARCHITECTURES)})") from None
+        try:
+            import torch, transformers  # noqa: F401
+        except ImportError:
+            raise ValueError(f'{source}: random weights are drawn by transformers: pip install "llmjax[reference]"') from None
         model, hf = random_pair(config, dtype=dtype)
         return model, (hf if reference else None)
     path = resolve(source)
@@ -170,9 +182,9 @@ COLUMNS = ("model", "batch", "llmjax tok/s", "transformers tok/s", "speedup", "r
 
 
 def table_row(row: dict) -> list[str]:
-    hf = "speedup" in row
+    hf, decode = "hf_ttft_s" in row, "speedup" in row
     return [row["model"], str(row["batch"]), f"{row['decode_tok_s']:.1f}",
-            f"{row['hf_decode_tok_s']:.1f}" if hf else "–", f"{row['speedup']:.2f}×" if hf else "–",
+            f"{row['hf_decode_tok_s']:.1f}" if decode else "–", f"{row['speedup']:.2f}×" if decode else "–",
             f"{row['roofline']:.0%}",
             f"{row['prefill_tok_s']:.0f} / {row['hf_prefill_tok_s']:.0f}" if hf else f"{row['prefill_tok_s']:.0f}",
             f"{row['ttft_cold_s']:.2f} / {row['ttft_s']:.2f} / {row['hf_ttft_s']:.2f}" if hf else

@@ -120,6 +120,8 @@ def bench_command(args) -> int:
         raise ValueError("--prompt-tokens and --repeats must be at least 1")
     if not args.no_reference:
         _need_reference("bench")
+    if args.json and not Path(args.json).parent.is_dir():
+        raise ValueError(f"--json {args.json}: no such directory {Path(args.json).parent}")
     from llmjax.bench import COLUMNS, run, table, table_row
 
     print("| " + " | ".join(COLUMNS) + " |", flush=True)
@@ -165,7 +167,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (default: 32)")
     b.add_argument("--new-tokens", type=int, default=128, help="tokens to generate, at least 2 (default: 128)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per case; medians are reported (default: 3)")
-    b.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16, both libraries (default: float32)")
+    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="both libraries' dtype (default: float32)")
     b.add_argument("--no-reference", action="store_true", help="time llmjax alone (no transformers)")
     b.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     return p

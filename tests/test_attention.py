@@ -150,3 +150,34 @@ def test_hidden_states_follow_transformers_layout():
 def test_tokens_must_be_2d():
     with pytest.raises(ValueError, match="batch, length"):
         prepare_inputs(jnp.zeros((3,), jnp.int32), None, None, None)
+
+
+@pytest.mark.parametrize("window", [1, 3, 4])
+def test_ring_ignores_padding_anywhere(window):
+    """Padding after real tokens (a later chunk padded for a shorter row, a padded decode step) must not push real
+    keys out of a ring: the ring cache gives what the full-length cache gives, and each row what it gives alone."""
+    rng = np.random.default_rng(window)
+    model = Decoder(4, 2, window, rngs=nnx.Rngs(window))
+    L, K, d = model.shape
+    chunk1 = rng.integers(0, 31, (2, 4)).astype(np.int32)
+    chunk2 = rng.integers(0, 31, (2, 4)).astype(np.int32)
+    mask2 = np.array([[0, 0, 1, 1], [1, 1, 1, 1]], np.int32)          # row 0: padding after its first chunk
+    steps = rng.integers(0, 31, (2, 4)).astype(np.int32)
+    step_masks = np.array([[1, 0, 1, 1], [1, 1, 1, 1]], np.int32)    # and a padded decode step
+    outs = {}
+    for ring in (False, True):
+        cache = KVCache.create(L, 2, 16, K, d, windows=[window if ring else None] * L)
+        got = []
+        out = model(chunk1, cache=cache)
+        got.append(out.logits)
+        out = model(chunk2, attention_mask=mask2, cache=out.cache)
+        got.append(out.logits)
+        for t in range(steps.shape[1]):
+            out = model(steps[:, t:t + 1], attention_mask=step_masks[:, t:t + 1], cache=out.cache)
+            got.append(out.logits)
+        outs[ring] = np.concatenate(got, axis=1)
+    real = np.concatenate([np.ones((2, 4), bool), mask2.astype(bool), step_masks.astype(bool)], axis=1)
+    np.testing.assert_allclose(outs[True][real], outs[False][real], **TOL)
+    for b in range(2):   # and the full-length cache equals the row alone, real tokens only
+        alone = model(np.concatenate([chunk1[b], chunk2[b], steps[b]])[real[b]][None])[0]
+        np.testing.assert_allclose(outs[False][b][real[b]], alone, **TOL)

@@ -36,7 +36,7 @@ def test_cache_bytes_match_the_cache():
 
 
 def test_run_end_to_end(tmp_path):
-    results = run(["random:gpt2:tiny"], batches=(1, 3), prompt_tokens=5, new_tokens=6, repeats=1)
+    results = run(["random:gpt2:tiny"], batches=(1, 3), prompt_tokens=5, new_tokens=17, repeats=1)
     assert [r["batch"] for r in results["rows"]] == [1, 3]
     for row in results["rows"]:
         assert row["step_s"] > 0 and row["hf_step_s"] > 0
