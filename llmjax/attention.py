@@ -157,10 +157,6 @@ class KVCache:
                    jnp.zeros((batch,), jnp.int32), max_length)
 
     @property
-    def max_length(self) -> int:
-        return self.capacity
-
-    @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 

@@ -20,7 +20,7 @@ from llmjax.checkpoints import CheckpointError
 from llmjax.gemma import FULL, SLIDING, GemmaConfig, from_hf_directory, interleaved
 from llmjax.generation import generate_ids
 from llmjax.models import REGISTRY, join_parts
-from llmjax.validation import validate
+from llmjax.validation import load_reference, validate
 
 PRESETS = ["gemma_2b", "gemma_7b", "gemma2_2b", "gemma2_9b", "gemma2_27b", "gemma3_270m", "gemma3_1b", "gemma3_4b",
            "gemma3_12b", "gemma3_27b"]
@@ -295,8 +295,7 @@ assert not any(name == "torch" or name.startswith("torch.") for name, mod in sys
 def gemma3_pair():
     path = REGISTRY["gemma-3-270m"].fetch()
     model, tokenizer = llmjax.load("gemma-3-270m")
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
+    reference = load_reference(path)
     return model, tokenizer, reference
 
 
