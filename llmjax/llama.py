@@ -161,7 +161,7 @@ class LlamaBlock(nnx.Module):
 
 class Llama(nnx.Module):
     """LLaMA: RMSNorm, rotary grouped-query attention, SwiGLU, no biases; tied or untied output embedding.
-    `window`: every layer attends to the last `window` keys only (Mistral, chapter 10); None: to all."""
+    `window`: every layer attends to the last `window` keys only (Mistral, chapter 11); None: to all."""
 
     def __init__(self, config: LlamaConfig, *, window: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config

@@ -169,7 +169,7 @@ def random_pair(config, seed: int = 0, dtype: str = "float32"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmjax.models import load   # chapter 11: any architecture from a directory
+    from llmjax.models import load   # chapter 12: any architecture from a directory
 
     torch.manual_seed(seed)
     reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_hf()), attn_implementation="eager",
