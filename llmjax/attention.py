@@ -4,19 +4,18 @@
 
 # %% auto #0
 __all__ = ['RoPE', 'rotate_half', 'apply_rope', 'causal_mask', 'sliding_window_mask', 'padding_mask', 'make_attention_mask',
-           'attend', 'KVCache', 'Attention', 'ModelOutput', 'prepare_inputs', 'run_blocks', 'model_output']
+           'softcap', 'attend', 'LayerCache', 'CacheLayout', 'KVCache', 'Attention', 'ModelOutput', 'prepare_inputs',
+           'run_blocks', 'model_output', 'cache_layout']
 
 # %% ../nbs/03_attention.ipynb #c8ebee25
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from .layers import Embedding, GatedMLP, RMSNorm
 
 # %% ../nbs/03_attention.ipynb #8c200889
 @dataclasses.dataclass(frozen=True)
@@ -33,31 +32,6 @@ class RoPE:
     def __post_init__(self):
         if self.kind not in ("default", "linear", "llama3"):
             raise ValueError(f"unsupported RoPE scaling {self.kind!r}; llmjax implements 'default', 'linear' and 'llama3'")
-
-    @classmethod
-    def from_hf(cls, params: dict | None, default_theta: float = 10_000.0) -> "RoPE":
-        """From transformers' `rope_parameters` (or the older `rope_scaling` plus `rope_theta`)."""
-        params = dict(params or {})
-        kind = params.get("rope_type", params.get("type", "default"))
-        theta = float(params.get("rope_theta", default_theta))
-        if kind == "default":
-            return cls(theta)
-        if kind == "linear":
-            return cls(theta, "linear", factor=float(params["factor"]))
-        if kind == "llama3":
-            return cls(theta, "llama3", float(params["factor"]), float(params["low_freq_factor"]),
-                       float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
-        return cls(theta, kind)  # __post_init__ refuses it with a clear message
-
-    def to_hf(self) -> dict:
-        """transformers' `rope_parameters` for these settings (the inverse of `from_hf`)."""
-        params = {"rope_type": self.kind, "rope_theta": self.theta}
-        if self.kind == "linear":
-            params["factor"] = self.factor
-        elif self.kind == "llama3":
-            params |= {"factor": self.factor, "low_freq_factor": self.low_freq_factor,
-                       "high_freq_factor": self.high_freq_factor, "original_max_position_embeddings": self.original_max_position}
-        return params
 
     def inverse_frequencies(self, head_dim: int) -> np.ndarray:
         """theta_i = base^(-2i/d) for i < d/2, after scaling; float32 [d/2], computed as transformers does."""
@@ -113,16 +87,19 @@ def make_attention_mask(q_positions, k_positions, k_valid, window: int | None = 
     return mask
 
 # %% ../nbs/03_attention.ipynb #d28f6608
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap); the identity when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
-           softcap: float | None = None) -> jax.Array:
+           logit_cap: float | None = None) -> jax.Array:
     """q [B, T, H, d], k and v [B, K, S, d] (head-major), mask bool [B, T, S] -> [B, T, H, d]; K must divide H."""
     B, T, H, d = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
     q = q.reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)    # rows m = (g, t)
-    logits = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
+    logits = softcap(jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * scale, logit_cap)
     logits = jnp.where(mask[:, None, None], logits.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B, K, G * T, S)
     out = jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(B, K, G, T, d)
@@ -131,30 +108,55 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
 # %% ../nbs/03_attention.ipynb #73823a3d
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Per layer: keys and values [B, K, S_l, d] and each slot's position and validity [B, S_l]. S_l is the cache's
-    capacity, or a sliding window's length W (a ring buffer)."""
+class LayerCache:
+    """One layer's slots: keys and values [B, K, S, d] (head-major), and each slot's position and validity [B, S]."""
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    positions: tuple[jax.Array, ...]   # int32 [B, S_l]: position of the token in each slot
-    valid: tuple[jax.Array, ...]       # bool [B, S_l]: the slot holds a real token (not padding, not yet written)
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array    # int32: position of the token in each slot
+    valid: jax.Array        # bool: the slot holds a real token (not padding, not yet written)
+
+    @classmethod
+    def empty(cls, *, batch: int, slots: int, num_kv_heads: int, head_dim: int, dtype) -> "LayerCache":
+        kv = lambda: jnp.zeros((batch, num_kv_heads, slots, head_dim), dtype)
+        return cls(kv(), kv(), jnp.zeros((batch, slots), jnp.int32), jnp.zeros((batch, slots), bool))
+
+
+def _slot_axis(buffer: jax.Array) -> int:
+    return 2 if buffer.ndim == 4 else 1     # keys and values [B, K, S, d]; positions and validity [B, S]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """What a model's cache holds: per layer K heads of width d in `dtype`, and each layer's window (None: all)."""
+
+    num_kv_heads: int
+    head_dim: int
+    dtype: jnp.dtype
+    windows: tuple[int | None, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.windows)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Every layer's slots: as many as the cache's capacity, or a sliding window's length W (a ring buffer)."""
+
+    layers: tuple[LayerCache, ...]
     length: jax.Array                  # int32 []: slots used so far (tokens appended, padding included)
     seen: jax.Array                    # int32 [B]: real tokens of each row so far
     capacity: int = dataclasses.field(metadata=dict(static=True))   # most tokens (slots) the cache is made for
 
     @classmethod
-    def create(cls, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
-               dtype=jnp.float32, windows: Sequence[int | None] | None = None) -> "KVCache":
-        """Room for max_length tokens; a layer whose window W is shorter gets a ring of W slots."""
-        windows = list(windows) if windows is not None else [None] * num_layers
-        if len(windows) != num_layers:
-            raise ValueError(f"{len(windows)} windows for {num_layers} layers")
-        sizes = [min(max_length, w) if w else max_length for w in windows]
-        kv = lambda: tuple(jnp.zeros((batch, num_kv_heads, s, head_dim), dtype) for s in sizes)
-        return cls(kv(), kv(), tuple(jnp.zeros((batch, s), jnp.int32) for s in sizes),
-                   tuple(jnp.zeros((batch, s), bool) for s in sizes), jnp.zeros((), jnp.int32),
-                   jnp.zeros((batch,), jnp.int32), max_length)
+    def create(cls, layout: CacheLayout, *, batch: int, capacity: int) -> "KVCache":
+        """Room for `capacity` tokens; a layer whose window W is shorter gets a ring of W slots."""
+        layers = tuple(LayerCache.empty(batch=batch, slots=min(capacity, w) if w else capacity,
+                                        num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                                        dtype=layout.dtype) for w in layout.windows)
+        return cls(layers, jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), capacity)
 
     @property
     def nbytes(self) -> int:
@@ -165,51 +167,47 @@ class KVCache:
         return dataclasses.replace(self, length=self.length + positions.shape[1],
                                    seen=self.seen + valid.sum(-1).astype(jnp.int32))
 
-    def update_layer(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array):
-        """Write layer `layer`'s new keys and values [B, K, T, d] (positions, valid [B, T]) into its slots.
-
-        Returns (keys, values, key positions, key validity) to attend over, and the updated cache."""
-        B, T, size = k.shape[0], k.shape[2], self.keys[layer].shape[2]
-        new = (k, v, positions.astype(jnp.int32), valid.astype(bool))
-        old = (self.keys[layer], self.values[layer], self.positions[layer], self.valid[layer])
+    def update_layer(self, layer: int, new: LayerCache) -> tuple[LayerCache, "KVCache"]:
+        """Write layer `layer`'s T new slots into its buffers -> (the slots to attend over, the updated cache)."""
+        old = self.layers[layer]
+        T, size = new.keys.shape[2], old.keys.shape[2]
         if size >= self.capacity:        # a full buffer: the T new slots are [length - T, length), write then attend
             start = self.length - T      # (append has run)
-            written = [jax.lax.dynamic_update_slice(b, x.astype(b.dtype), (0, 0, start, 0) if b.ndim == 4 else (0, start))
-                       for b, x in zip(old, new)]
-            return self._put(layer, written, written)
+            written = jax.tree.map(lambda b, x: jax.lax.dynamic_update_slice_in_dim(
+                b, x.astype(b.dtype), start, axis=_slot_axis(b)), old, new)
+            return written, self._with_layer(layer, written)
         # A ring: row b's n-th real token goes to slot n mod W; padding is not written, and of a prompt longer than
         # the ring only each row's newest W real tokens are.
-        rank = (self.seen - new[3].sum(-1))[:, None] + jnp.cumsum(new[3], axis=1) - 1    # [B, T]
-        keep = new[3] & (self.seen[:, None] - 1 - rank < size)
-        slots, rows = jnp.where(keep, rank % size, size), jnp.arange(B)[:, None]        # slot `size`: dropped
-        written = [b.at[rows, :, slots].set(x.transpose(0, 2, 1, 3).astype(b.dtype), mode="drop") if b.ndim == 4 else
-                   b.at[rows, slots].set(x.astype(b.dtype), mode="drop") for b, x in zip(old, new)]
+        rank = (self.seen - new.valid.sum(-1))[:, None] + jnp.cumsum(new.valid, axis=1) - 1    # [B, T]
+        keep = new.valid & (self.seen[:, None] - 1 - rank < size)
+        slots, rows = jnp.where(keep, rank % size, size), jnp.arange(new.valid.shape[0])[:, None]   # `size`: dropped
+        write = lambda b, x: (b.at[rows, :, slots].set(x.transpose(0, 2, 1, 3).astype(b.dtype), mode="drop")
+                              if b.ndim == 4 else b.at[rows, slots].set(x.astype(b.dtype), mode="drop"))
+        written = jax.tree.map(write, old, new)
         if T == 1:                       # the slot it overwrites held a token W real tokens back: out of the window
-            return self._put(layer, written, written)
-        view = [jnp.concatenate([b, x.astype(b.dtype)], axis=2 if b.ndim == 4 else 1) for b, x in zip(old, new)]
-        return self._put(layer, written, view)     # a prompt: attend over the old ring and the new tokens
+            return written, self._with_layer(layer, written)
+        view = jax.tree.map(lambda b, x: jnp.concatenate([b, x.astype(b.dtype)], axis=_slot_axis(b)), old, new)
+        return view, self._with_layer(layer, written)     # a prompt: attend over the old ring and the new tokens
 
-    def _put(self, layer: int, written, view):
-        put = lambda buffers, x: tuple(x if i == layer else b for i, b in enumerate(buffers))
-        cache = dataclasses.replace(self, keys=put(self.keys, written[0]), values=put(self.values, written[1]),
-                                    positions=put(self.positions, written[2]), valid=put(self.valid, written[3]))
-        return (*view, cache)
+    def _with_layer(self, layer: int, written: LayerCache) -> "KVCache":
+        return dataclasses.replace(self, layers=tuple(written if i == layer else c for i, c in enumerate(self.layers)))
 
 # %% ../nbs/03_attention.ipynb #fa88d8de
 class Attention(nnx.Module):
     """Multi-head / grouped-query / multi-query self-attention with optional RoPE, window, soft-cap and QK-norm."""
 
-    def __init__(self, features: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+    def __init__(self, *, features: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  qkv_bias: bool = False, out_bias: bool = False, rope: RoPE | None = None,
-                 window: int | None = None, scale: float | None = None, softcap: float | None = None,
-                 qk_norm: Callable[[int], nnx.Module] | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 window: int | None = None, scale: float | None = None, logit_cap: float | None = None,
+                 qk_norm: Callable[[int], nnx.Module] | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.window, self.softcap = window, softcap
+        self.window, self.logit_cap, self.dtype = window, logit_cap, dtype
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.rope = rope   # static: the frequencies are a NumPy constant of the config, not a parameter
-        linear = lambda i, o, bias: nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        linear = lambda i, o, bias: nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = linear(features, num_heads * head_dim, qkv_bias)
         self.k_proj = linear(features, num_kv_heads * head_dim, qkv_bias)
         self.v_proj = linear(features, num_kv_heads * head_dim, qkv_bias)
@@ -229,13 +227,11 @@ class Attention(nnx.Module):
         if self.rope is not None:
             inv_freq = self.rope.inverse_frequencies(self.head_dim)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # head-major [B, K, T, d]
-        if cache is None:
-            k_positions, k_valid = positions, valid
-        else:
-            k, v, k_positions, k_valid, cache = cache.update_layer(layer, k, v, positions, valid)
-        mask = make_attention_mask(positions, k_positions, k_valid, self.window)
-        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        new = LayerCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),     # head-major [B, K, T, d]
+                         positions.astype(jnp.int32), valid.astype(bool))
+        keys, cache = (new, None) if cache is None else cache.update_layer(layer, new)
+        mask = make_attention_mask(positions, keys.positions, keys.valid, self.window)
+        out = attend(q, keys.keys, keys.values, mask, scale=self.scale, logit_cap=self.logit_cap)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
 
 # %% ../nbs/03_attention.ipynb #ad5962e9
@@ -283,3 +279,13 @@ def model_output(logits: jax.Array, cache: KVCache | None, hidden_states, return
     if cache is None and not return_hidden_states:
         return logits
     return ModelOutput(logits, cache, hidden_states)
+
+
+def cache_layout(model: nnx.Module) -> CacheLayout:
+    """The cache a model needs: its attention layers' KV heads, head width, compute dtype and windows."""
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, Attention)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Attention layers to cache")
+    first = layers[0]
+    return CacheLayout(num_kv_heads=first.num_kv_heads, head_dim=first.head_dim, dtype=jnp.dtype(first.dtype),
+                       windows=tuple(m.window for m in layers))

@@ -7,23 +7,22 @@ __all__ = ['COLUMNS', 'read_bandwidth', 'weight_bytes_per_token', 'cache_bytes',
            'load_pair', 'machine', 'run', 'table_row', 'table', 'plot']
 
 # %% ../nbs/13_bench.ipynb #a4b8f910
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .generation import DECODE_CHUNK, Sampling, _chunks, cache_layout
+from .attention import cache_layout
+from .generation import DECODE_CHUNK, stream_ids
 from .layers import Embedding
 
 # %% ../nbs/13_bench.ipynb #b353b691
 def read_bandwidth(gibibytes: float = 2.0, repeats: int = 5) -> float:
-    """Bytes per second this machine reads from memory, as XLA sees it: a jitted float32 matrix-vector product over
+    """Bytes per second the machine reads from memory, as XLA sees it: a jitted float32 matrix-vector product over
     a large matrix (a plain sum runs on one core)."""
     matrix = jnp.ones((int(gibibytes * 2**30) // (4 * 4096), 4096), jnp.float32)
     vector = jnp.ones((4096,), jnp.float32)
@@ -49,15 +48,15 @@ def weight_bytes_per_token(model) -> int:
 def cache_bytes(model, batch: int, filled: float) -> float:
     """Bytes of keys and values a step needs to read when `filled` positions of each row are in the cache (a
     sliding-window layer keeps at most its window). llmjax reads more: attention runs over every slot of the cache."""
-    _, kv_heads, head_dim, dtype, windows = cache_layout(model)
-    slots = sum(min(filled, w) if w else filled for w in windows)
-    return 2 * slots * batch * kv_heads * head_dim * jnp.dtype(dtype).itemsize
+    layout = cache_layout(model)
+    slots = sum(min(filled, w) if w else filled for w in layout.windows)
+    return 2 * slots * batch * layout.num_kv_heads * layout.head_dim * jnp.dtype(layout.dtype).itemsize
 
 # %% ../nbs/13_bench.ipynb #1b452347
 def time_llmjax(model, ids, new_tokens: int) -> tuple[float, float]:
     """(seconds to the first token, seconds for the other new_tokens - 1) of a greedy run that never stops early."""
     start = time.perf_counter()
-    pieces = _chunks(model, ids, None, new_tokens, Sampling(), 0, [], 0)
+    pieces = stream_ids(model, ids, max_new_tokens=new_tokens)
     np.asarray(next(pieces)[0])
     first = time.perf_counter()
     for tokens, _ in pieces:
@@ -122,8 +121,9 @@ def load_pair(source: str, dtype: str = "float32", reference: bool = True):
 
     if source.startswith("random:"):
         try:
-            _, arch, preset = source.split(":")
-            config = getattr(ARCHITECTURES[arch].config, preset)()
+            _, name, preset = source.split(":")
+            architecture = ARCHITECTURES[name]
+            config = getattr(architecture.config, preset)()
         except (ValueError, KeyError, AttributeError, TypeError):
             raise ValueError(f"{source!r}: expected random:<architecture>:<preset>, e.g. random:gpt2:gpt2 "
                              f"(architectures: {', '.join(ARCHITECTURES)})") from None
@@ -131,7 +131,7 @@ def load_pair(source: str, dtype: str = "float32", reference: bool = True):
             import torch, transformers  # noqa: F401
         except ImportError:
             raise ValueError(f'{source}: random weights are drawn by transformers: pip install "llmjax[reference]"') from None
-        model, hf = random_pair(config, dtype=dtype)
+        model, hf = random_pair(architecture.config_to_hf(config), architecture.from_hf_directory, dtype=dtype)
         return model, (hf if reference else None)
     path = resolve(source)
     model, _ = load(path, dtype)

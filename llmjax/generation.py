@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['PROMPT_BUCKET', 'CACHE_BUCKET', 'DECODE_CHUNK', 'STREAM_CHUNK', 'filter_top_k', 'filter_top_p', 'filter_min_p',
-           'Sampling', 'sample', 'bucket', 'cache_layout', 'stop_token_ids', 'generate_ids', 'stream_text', 'generate']
+           'Sampling', 'sample', 'bucket', 'DecodeState', 'stop_token_ids', 'stream_ids', 'generate_ids', 'stream_text',
+           'generate']
 
 # %% ../nbs/08_generation.ipynb #d49fc974
 import dataclasses
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import Attention, KVCache
+from .attention import KVCache, cache_layout
 
 # %% ../nbs/08_generation.ipynb #a67fc036
 def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
@@ -83,79 +84,83 @@ def bucket(n: int, smallest: int) -> int:
     return max(smallest, 1 << (n - 1).bit_length())
 
 
-def cache_layout(model: nnx.Module) -> tuple[int, int, int, jnp.dtype, tuple[int | None, ...]]:
-    """(layers, kv heads, head width, dtype, each layer's window) of the cache a model needs, read off its attention
-    layers."""
-    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, Attention)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no Attention layers to cache")
-    first = layers[0]
-    return len(layers), first.num_kv_heads, first.head_dim, first.k_proj.kernel.dtype, tuple(m.window for m in layers)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(4,))
-def _prefill(graphdef, state, tokens, attention_mask, cache, sampling, key):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _prefill(graphdef, state, tokens, attention_mask, cache, *, sampling: Sampling, key):
     out = nnx.merge(graphdef, state)(tokens, attention_mask=attention_mask, cache=cache)
     logits = out.logits[:, -1]
     return sample(logits, jax.random.fold_in(key, 0), sampling), logits, out.cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5), donate_argnums=(2,))
-def _decode_chunk(graphdef, state, carry, chunk: int, sampling: Sampling, logits_width: int, stop, pad_id, key):
-    """Up to `chunk` decode steps in one while_loop. carry = (cache, last token [B], done [B], step);
-    returns the new carry, the tokens [B, chunk] (pad after a row is done), their logits if logits_width (= V) is not
-    0, and how many steps ran."""
-    cache, token, done, step = carry
-    B = token.shape[0]
-    out_tokens = jnp.full((B, chunk), pad_id, jnp.int32)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """What the decode loop carries from one chunk to the next."""
+
+    cache: KVCache
+    token: jax.Array     # int32 [B]: each row's last token (0 once the row is done)
+    done: jax.Array      # bool [B]: the row has emitted a stop id
+    step: jax.Array      # int32 []: decode steps so far
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "sampling", "logits_width"),
+                   donate_argnames=("carry",))
+def _decode_chunk(graphdef, state, carry: DecodeState, *, chunk: int, sampling: Sampling, logits_width: int, stop,
+                  pad_id, key):
+    """Up to `chunk` decode steps in one while_loop -> (the new carry, the tokens [B, chunk] (pad after a row is
+    done), their logits [B, chunk, V] if logits_width (= V) is not 0, how many steps ran)."""
+    B = carry.token.shape[0]
 
     def cond(c):
-        i, _, _, done, _, _ = c
-        return (i < chunk) & ~jnp.all(done)
+        i, state_i, _, _ = c
+        return (i < chunk) & ~jnp.all(state_i.done)
 
     def body(c):
-        i, cache, token, done, out_tokens, out_logits = c
-        result = nnx.merge(graphdef, state)(token[:, None], cache=cache)
+        i, now, out_tokens, out_logits = c
+        result = nnx.merge(graphdef, state)(now.token[:, None], cache=now.cache)
         logits = result.logits[:, -1]
-        new = jnp.where(done, pad_id, sample(logits, jax.random.fold_in(key, step + i + 1), sampling))
+        new = jnp.where(now.done, pad_id, sample(logits, jax.random.fold_in(key, now.step + i + 1), sampling))
         out_tokens = out_tokens.at[:, i].set(new)
         if logits_width:
             out_logits = out_logits.at[:, i].set(logits)
         # a finished row keeps running (shapes are fixed) on token 0: the pad id need not be in the vocabulary
-        return i + 1, result.cache, jnp.where(done, 0, new), done | jnp.isin(new, stop), out_tokens, out_logits
+        now = dataclasses.replace(now, cache=result.cache, token=jnp.where(now.done, 0, new),
+                                  done=now.done | jnp.isin(new, stop))
+        return i + 1, now, out_tokens, out_logits
 
-    out_logits = jnp.zeros((B, chunk if logits_width else 0, logits_width), jnp.float32)
-    i, cache, token, done, out_tokens, out_logits = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), cache, token, done, out_tokens, out_logits))
-    return (cache, token, done, step + i), out_tokens, out_logits, i
+    start = (jnp.int32(0), carry, jnp.full((B, chunk), pad_id, jnp.int32),
+             jnp.zeros((B, chunk if logits_width else 0, logits_width), jnp.float32))
+    i, carry, out_tokens, out_logits = jax.lax.while_loop(cond, body, start)
+    return dataclasses.replace(carry, step=carry.step + i), out_tokens, out_logits, i
 
 
 def stop_token_ids(model, stop_ids: Sequence[int] | None = None) -> list[int]:
     return sorted(set(getattr(model.config, "eos_token_ids", ())) | set(stop_ids or ()))
 
 
-def _chunks(model, input_ids, attention_mask, max_new_tokens: int, sampling: Sampling, seed: int,
-            stop_ids: Sequence[int], pad_id: int, chunk: int = DECODE_CHUNK, with_logits: bool = False) -> Iterator:
-    """Yield (tokens [B, n], logits [B, n, V] or None) for successive runs of new tokens, n >= 1 each."""
+def stream_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int, sampling: Sampling = Sampling(),
+               seed: int = 0, stop_ids: Sequence[int] = (), pad_id: int = 0, chunk: int = DECODE_CHUNK,
+               with_logits: bool = False) -> Iterator:
+    """Yield (tokens [B, n], logits [B, n, V] or None) for successive runs of new tokens, n >= 1 each, until
+    max_new_tokens are made or every row has emitted one of stop_ids (after which a row gets pad_id)."""
     input_ids = np.asarray(input_ids, np.int32)
     B, T = input_ids.shape
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     padded = bucket(T, PROMPT_BUCKET)
     tokens = np.concatenate([np.zeros((B, padded - T), np.int32), input_ids], axis=1)   # masked: any valid id
     mask = np.concatenate([np.zeros((B, padded - T), np.int32), mask], axis=1)
-    L, K, d, dtype, windows = cache_layout(model)
-    cache = KVCache.create(L, B, bucket(padded + max_new_tokens, CACHE_BUCKET), K, d, dtype, windows)
+    cache = KVCache.create(cache_layout(model), batch=B, capacity=bucket(padded + max_new_tokens, CACHE_BUCKET))
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    token, logits, cache = _prefill(graphdef, state, tokens, mask, cache, sampling, key)
+    token, logits, cache = _prefill(graphdef, state, tokens, mask, cache, sampling=sampling, key=key)
     done = jnp.isin(token, stop)
     yield token[:, None], (logits[:, None] if with_logits else None)
     made = 1
-    carry = (cache, jnp.where(done, 0, token), done, jnp.int32(0))
-    while made < max_new_tokens and not bool(jnp.all(carry[2])):
-        carry, out, out_logits, ran = _decode_chunk(graphdef, state, carry, chunk, sampling,
-                                                    logits.shape[-1] if with_logits else 0, stop, jnp.int32(pad_id), key)
+    carry = DecodeState(cache, jnp.where(done, 0, token), done, jnp.int32(0))
+    while made < max_new_tokens and not bool(jnp.all(carry.done)):
+        carry, out, out_logits, ran = _decode_chunk(
+            graphdef, state, carry, chunk=chunk, sampling=sampling, logits_width=logits.shape[-1] if with_logits else 0,
+            stop=stop, pad_id=jnp.int32(pad_id), key=key)
         n = min(int(ran), max_new_tokens - made)
         yield out[:, :n], (out_logits[:, :n] if with_logits else None)
         made += n
@@ -176,8 +181,9 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32
     pad_id = pad_id if pad_id is not None else (stops[0] if stops else 0)
     input_ids = np.asarray(input_ids, np.int32)
     pieces, logits = [], []
-    for tokens, chunk_logits in _chunks(model, input_ids, attention_mask, max_new_tokens, sampling, seed, stops,
-                                        pad_id, with_logits=return_logits):
+    for tokens, chunk_logits in stream_ids(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                           sampling=sampling, seed=seed, stop_ids=stops, pad_id=pad_id,
+                                           with_logits=return_logits):
         pieces.append(np.asarray(tokens))
         if return_logits:
             logits.append(np.asarray(chunk_logits))
@@ -218,7 +224,8 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sa
     stops = _text_stops(model, tokenizer, stop_ids)
     ids, mask = _encode(tokenizer, [prompt], pad_id)
     made, emitted, stopped = [], "", False
-    for tokens, _ in _chunks(model, ids, mask, max_new_tokens, sampling, seed, stops, pad_id, chunk=STREAM_CHUNK):
+    for tokens, _ in stream_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                stop_ids=stops, pad_id=pad_id, chunk=STREAM_CHUNK):
         for token in np.asarray(tokens)[0].tolist():
             if on_token is not None:
                 on_token(token)

@@ -14,11 +14,11 @@ def tiny_gpt2_dir(tmp_path_factory):
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from llmjax.gpt2 import GPT2Config
+    from llmjax.gpt2 import GPT2Config, config_to_hf
 
     directory = tmp_path_factory.mktemp("tiny-gpt2")
     torch.manual_seed(0)
-    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2Config.tiny().to_hf())).eval()
+    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(GPT2Config.tiny()))).eval()
     reference.save_pretrained(directory)
     byte_level = Tokenizer(models.BPE({chr(c): i for i, c in enumerate(range(33, 127))}, []))
     byte_level.pre_tokenizer, byte_level.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()

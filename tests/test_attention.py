@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmjax.attention import (Attention, KVCache, RoPE, attend, make_attention_mask, model_output, prepare_inputs,
-                              run_blocks)
+from llmjax.attention import (Attention, CacheLayout, KVCache, RoPE, attend, make_attention_mask, model_output,
+                              prepare_inputs, run_blocks)
 from llmjax.layers import Embedding, RMSNorm
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -36,21 +36,21 @@ def test_mask_matches_definition(window):
     np.testing.assert_array_equal(got, brute_force_mask(q_pos, k_pos, k_valid, window))
 
 
-@pytest.mark.parametrize("H,K,softcap", [(5, 5, None), (6, 3, None), (4, 1, 2.0), (6, 2, 30.0)])
-def test_attend_matches_numpy(H, K, softcap):
+@pytest.mark.parametrize("H,K,cap", [(5, 5, None), (6, 3, None), (4, 1, 2.0), (6, 2, 30.0)])
+def test_attend_matches_numpy(H, K, cap):
     rng = np.random.default_rng(H * 10 + K)
     B, T, S, d = 2, 3, 7, 5
     q = rng.standard_normal((B, T, H, d)).astype(np.float32)
     k, v = rng.standard_normal((2, B, K, S, d)).astype(np.float32)      # head-major, as the cache holds them
     mask = rng.random((B, T, S)) < 0.6
     mask[..., 0] = True
-    got = np.asarray(attend(q, k, v, mask, scale=0.37, softcap=softcap))
+    got = np.asarray(attend(q, k, v, mask, scale=0.37, logit_cap=cap))
     want = np.zeros_like(got)
     for b, t, h in itertools.product(range(B), range(T), range(H)):
         kh = h // (H // K)
         logits = k[b, kh] @ q[b, t, h] * 0.37
-        if softcap:
-            logits = softcap * np.tanh(logits / softcap)
+        if cap:
+            logits = cap * np.tanh(logits / cap)
         logits = np.where(mask[b, t], logits, -np.inf)
         p = np.exp(logits - logits.max())
         want[b, t, h] = (p / p.sum()) @ v[b, kh]
@@ -58,8 +58,12 @@ def test_attend_matches_numpy(H, K, softcap):
 
 
 def test_rope_refuses_unknown_scaling():
+    from llmjax.checkpoints import rope_from_hf
+
     with pytest.raises(ValueError, match="yarn"):
-        RoPE.from_hf({"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
+        RoPE(1e4, "yarn")
+    with pytest.raises(ValueError, match="yarn"):
+        rope_from_hf({"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
 
 
 def test_rope_matches_definition():
@@ -81,7 +85,8 @@ def test_rope_matches_definition():
 class Block(nnx.Module):
     def __init__(self, D, H, K, d, window, rngs):
         self.norm = RMSNorm(D)
-        self.attn = Attention(D, H, K, d, rope=RoPE(1000.0), window=window, rngs=rngs)
+        self.attn = Attention(features=D, num_heads=H, num_kv_heads=K, head_dim=d, rope=RoPE(1000.0), window=window,
+                              rngs=rngs)
 
     def __call__(self, x, positions, valid, cache, layer):
         h, cache = self.attn(self.norm(x), positions, valid, cache, layer)
@@ -117,9 +122,10 @@ def test_chunked_decode_with_padding_equals_rows_alone(H, K, window, ring):
     tokens = np.stack([np.r_[np.zeros(T - len(r), np.int32), r] for r in rows])
     mask = np.stack([np.r_[np.zeros(T - len(r)), np.ones(len(r))] for r in rows]).astype(np.int32)
 
-    cache = KVCache.create(L, len(rows), T + 5 + 2, K, d, windows=[window if ring else None] * L)
+    layout = CacheLayout(num_kv_heads=K, head_dim=d, dtype=jnp.float32, windows=(window if ring else None,) * L)
+    cache = KVCache.create(layout, batch=len(rows), capacity=T + 5 + 2)
     if ring and window:
-        assert cache.keys[0].shape[2] == min(window, T + 7)
+        assert cache.layers[0].keys.shape[2] == min(window, T + 7)
     step = jax.jit(lambda m, t, a, c: m(t, attention_mask=a, cache=c))
     graph, state = nnx.split(model)
     run = lambda t, a, c: step(nnx.merge(graph, state), t, a, c)
@@ -166,7 +172,8 @@ def test_ring_ignores_padding_anywhere(window):
     step_masks = np.array([[1, 0, 1, 1], [1, 1, 1, 1]], np.int32)    # and a padded decode step
     outs = {}
     for ring in (False, True):
-        cache = KVCache.create(L, 2, 16, K, d, windows=[window if ring else None] * L)
+        layout = CacheLayout(num_kv_heads=K, head_dim=d, dtype=jnp.float32, windows=(window if ring else None,) * L)
+        cache = KVCache.create(layout, batch=2, capacity=16)
         got = []
         out = model(chunk1, cache=cache)
         got.append(out.logits)

@@ -3,10 +3,11 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmjax.attention import KVCache
+from llmjax.attention import CacheLayout, KVCache
 from llmjax.bench import cache_bytes, run, table, weight_bytes_per_token
 from llmjax.gpt2 import GPT2, GPT2Config
 from llmjax.llama import Llama, LlamaConfig
@@ -31,8 +32,10 @@ def test_weight_bytes_tied_and_untied():
 def test_cache_bytes_match_the_cache():
     model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
     c = LlamaConfig.tiny()
-    cache = KVCache.create(c.num_hidden_layers, 3, 40, c.num_key_value_heads, c.head_width)
-    assert cache_bytes(model, 3, 40) == sum(x.nbytes for x in cache.keys + cache.values)
+    layout = CacheLayout(num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, dtype=jnp.float32,
+                         windows=(None,) * c.num_hidden_layers)
+    cache = KVCache.create(layout, batch=3, capacity=40)
+    assert cache_bytes(model, 3, 40) == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
 def test_run_end_to_end(tmp_path):

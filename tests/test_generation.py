@@ -113,8 +113,10 @@ def test_greedy_equals_transformers_generate(make, tmp_path):
 
     from llmjax.validation import reference_greedy
 
+    from llmjax import gpt2, llama
+
     model = make()
-    config = model.config.to_hf()
+    config = (gpt2.config_to_hf if isinstance(model, GPT2) else llama.config_to_hf)(model.config)
     hf_class = transformers.GPT2LMHeadModel if config["model_type"] == "gpt2" else transformers.LlamaForCausalLM
     config_class = transformers.GPT2Config if config["model_type"] == "gpt2" else transformers.LlamaConfig
     torch.manual_seed(0)
@@ -147,11 +149,11 @@ def test_streaming_never_splits_a_character(monkeypatch):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)   # some tokens are partial characters
 
-    def fake_chunks(*args, **kwargs):
+    def fake_stream_ids(*args, **kwargs):
         for i in ids:
             yield np.array([[i]]), None
 
-    monkeypatch.setattr(generation, "_chunks", fake_chunks)
+    monkeypatch.setattr(generation, "stream_ids", fake_stream_ids)
     model = GPT2(GPT2Config.tiny(), rngs=nnx.Rngs(0))
     pieces = list(generation.stream_text(model, tokenizer, "x", len(ids), Sampling()))
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)

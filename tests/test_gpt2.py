@@ -1,11 +1,13 @@
 """GPT-2 beyond the chapter: other shapes and options against transformers, and dtype behaviour."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
 
-from llmjax.gpt2 import GPT2, GPT2Config, from_hf_directory
+from llmjax.gpt2 import GPT2, GPT2Config, config_from_hf, config_to_hf, from_hf_directory
 from conftest import assert_parity
 
 
@@ -17,7 +19,7 @@ from conftest import assert_parity
 def test_parity_other_shapes(tmp_path, overrides):
     config = GPT2Config(vocab_size=131, n_positions=40, **overrides)
     torch.manual_seed(1)
-    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf())).eval()
+    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(config))).eval()
     reference.config._attn_implementation = "eager"
     with torch.no_grad():   # non-trivial LayerNorm parameters, so a swapped scale/bias would show
         for name, p in reference.named_parameters():
@@ -30,7 +32,20 @@ def test_parity_other_shapes(tmp_path, overrides):
 
 def test_unsupported_variants_are_refused():
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
-        GPT2Config.from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
+        config_from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
+
+
+@pytest.mark.parametrize("eos, expected", [(None, ()), (7, (7,)), ([7, 9], (7, 9)), ("absent", (50256,))])
+def test_eos_ids_in_every_spelling(eos, expected):
+    """config.json's eos_token_id: null means no EOS token (not an id of None), a list keeps every id."""
+    hf = {"model_type": "gpt2"} | ({} if eos == "absent" else {"eos_token_id": eos})
+    config = config_from_hf(hf)
+    assert config.eos_token_ids == expected
+    if expected == ():      # and such a model generates: no stop id, every token made
+        from llmjax.generation import generate_ids
+
+        model = GPT2(dataclasses.replace(GPT2Config.tiny(), eos_token_ids=()), rngs=nnx.Rngs(0))
+        assert generate_ids(model, np.array([[1, 2, 3]]), max_new_tokens=5).shape == (1, 8)
 
 
 def test_learned_positions_follow_real_tokens():

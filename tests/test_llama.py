@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from llmjax.attention import RoPE
-from llmjax.llama import LlamaConfig, from_hf_directory
+from llmjax.llama import LlamaConfig, config_from_hf, config_to_hf, from_hf_directory
 from conftest import assert_parity
 
 
@@ -22,10 +22,20 @@ def test_parity_other_options(tmp_path, overrides):
                          num_key_value_heads=overrides.pop("num_key_value_heads", 6), rms_norm_eps=1e-5,
                          max_position_embeddings=overrides.pop("max_position_embeddings", 256), **overrides)
     torch.manual_seed(3)
-    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf(), attn_implementation="eager")).eval()
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(config), attn_implementation="eager")).eval()
     reference.save_pretrained(tmp_path)
     model = from_hf_directory(tmp_path)
     assert_parity(model, reference, vocab_size=97, length=40, pad=13, seed=4)
+
+
+@pytest.mark.parametrize("eos, expected", [(None, ()), (2, (2,)), ([128001, 128009], (128001, 128009)),
+                                           ("absent", (2,))])
+def test_eos_ids_in_every_spelling(eos, expected):
+    """config.json's eos_token_id: null means no EOS token (not an id of None); a list keeps every id."""
+    hf = config_to_hf(LlamaConfig.tiny())
+    hf = {k: v for k, v in hf.items() if k != "eos_token_id"} | ({} if eos == "absent" else {"eos_token_id": eos})
+    assert config_from_hf(hf).eos_token_ids == expected
+    assert config_from_hf(config_to_hf(config_from_hf(hf))) == config_from_hf(hf)
 
 
 def test_real_model_runs_without_torch():

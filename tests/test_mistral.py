@@ -17,9 +17,9 @@ import llmjax
 from llmjax.attention import RoPE
 from llmjax.checkpoints import CheckpointError
 from llmjax.generation import generate_ids
-from llmjax.mistral import (DISPATCH, Mistral, MistralConfig, Mixtral, MixtralConfig, load_balancing_loss, route,
-                            experts_dense)
-from llmjax.validation import reference_greedy, validate
+from llmjax.mistral import Mistral, MistralConfig, Mixtral, MixtralConfig, config_from_hf, config_to_hf
+from llmjax.moe import DISPATCH, SparseMoE, load_balancing_loss, route, with_router_logits
+from llmjax.validation import randomize, reference_greedy, validate
 
 LOW = 3   # prompts avoid 0 (transformers' generate takes it for padding), 1 (BOS), 2 (EOS)
 # float32 on small random models: per-layer rounding is ~1e-6 of activations of order 1-10; 1e-4 leaves room for a
@@ -38,7 +38,7 @@ def one_torch_thread():
 
 
 def hf_config(cfg, **kw):
-    hf = cfg.to_hf()
+    hf = config_to_hf(cfg)
     kind = {"mistral": transformers.MistralConfig, "mixtral": transformers.MixtralConfig}[hf.pop("model_type")]
     return kind(**hf, **kw)
 
@@ -51,12 +51,7 @@ def random_reference(cfg, seed: int, std: float = 0.25):
                                                               experts_implementation="eager"))
     else:
         reference = transformers.MistralForCausalLM(hf_config(cfg, attn_implementation="eager"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1 + 0.2 * noise if "norm" in name else std * noise)
-    return reference.eval()
+    return randomize(reference, seed, std=std).eval()
 
 
 def padded_batch(cfg, seed: int, length: int, pad: int):
@@ -83,8 +78,8 @@ def assert_cached_decoding_matches(model, reference, ids, mask, steps: int):
                                  MixtralConfig.mixtral_8x7b(), MixtralConfig.tiny()],
                          ids=["v01", "v03", "tiny", "mixtral_8x7b", "mixtral_tiny"])
 def test_config_round_trip_through_transformers(cfg):
-    assert type(cfg).from_hf(cfg.to_hf()) == cfg
-    assert type(cfg).from_hf(hf_config(cfg).to_dict()) == cfg          # as transformers writes config.json
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+    assert config_from_hf(hf_config(cfg).to_dict()) == cfg          # as transformers writes config.json
 
 
 def test_published_config_files():
@@ -93,14 +88,14 @@ def test_published_config_files():
            "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
            "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
            "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000}
-    assert MistralConfig.from_hf(v01) == MistralConfig.mistral_7b_v01()
+    assert config_from_hf(v01) == MistralConfig.mistral_7b_v01()
     v03 = v01 | {"rope_theta": 1000000.0, "sliding_window": None, "vocab_size": 32768, "attention_dropout": 0.0}
-    assert MistralConfig.from_hf(v03) == MistralConfig.mistral_7b_v03()
+    assert config_from_hf(v03) == MistralConfig.mistral_7b_v03()
     mixtral = v01 | {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_experts_per_tok": 2,
                      "num_local_experts": 8, "output_router_logits": False, "rope_theta": 1000000.0,
                      "router_aux_loss_coef": 0.02, "sliding_window": None}
-    assert MixtralConfig.from_hf(mixtral) == MixtralConfig.mixtral_8x7b()
-    assert MistralConfig.from_hf({k: v for k, v in v01.items() if k != "sliding_window"}).sliding_window == 4096
+    assert config_from_hf(mixtral) == MixtralConfig.mixtral_8x7b()
+    assert config_from_hf({k: v for k, v in v01.items() if k != "sliding_window"}).sliding_window == 4096
 
 
 def test_bad_input():
@@ -108,11 +103,15 @@ def test_bad_input():
         MistralConfig(sliding_window=0)
     with pytest.raises(ValueError, match="num_experts_per_tok must be between 1 and num_local_experts"):
         MixtralConfig(num_local_experts=4, num_experts_per_tok=5)
-    with pytest.raises(CheckpointError, match="not a MistralConfig config: model_type 'mixtral'"):
-        MistralConfig.from_hf(MixtralConfig.tiny().to_hf())
-    from llmjax.mistral import SparseMoE
+    with pytest.raises(CheckpointError, match="not a Mistral or Mixtral config: model_type 'llama'"):
+        config_from_hf(config_to_hf(MistralConfig.tiny()) | {"model_type": "llama"})
     with pytest.raises(ValueError, match="unknown dispatch 'magic'"):
-        SparseMoE(4, 6, 3, 2, dispatch="magic", rngs=nnx.Rngs(0))
+        SparseMoE(4, 6, num_experts=3, top_k=2, dispatch="magic", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="top_k must be between 1 and the number of experts"):
+        SparseMoE(4, 6, num_experts=3, top_k=4, rngs=nnx.Rngs(0))
+    for preset in ("mixtral_8x7b", "tiny"):    # a class's presets are that class's, and no other class has them
+        assert type(getattr(MixtralConfig, preset)()) is MixtralConfig
+    assert not hasattr(MixtralConfig, "mistral_7b_v01") and not hasattr(MistralConfig, "smollm2_135m")
 
 
 # --- Mistral against transformers -------------------------------------------------------------------------------
@@ -198,9 +197,10 @@ def test_mixtral_of_identical_experts_is_mistral():
             getattr(m.mlp.experts, name)[...] = jnp.broadcast_to(kernel, (4, *kernel.shape))
     ids = np.random.default_rng(0).integers(0, dense_cfg.vocab_size, (2, 25))
     graphdef, state = nnx.split(moe)
-    out = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids, return_router_logits=True))(state, ids)
-    assert len({tuple(np.asarray(route(r, 2)[1]).ravel()) for r in out.router_logits}) > 1   # the routing varies
-    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(dense(ids)), atol=1e-5)
+    logits, router_logits = jax.jit(lambda state, ids: with_router_logits(nnx.merge(graphdef, state), ids))(state, ids)
+    assert len(router_logits) == moe_cfg.num_hidden_layers
+    assert len({tuple(np.asarray(route(r, 2)[1]).ravel()) for r in router_logits}) > 1   # the routing varies
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(dense(ids)), atol=1e-5)
 
 
 # --- the MoE forms and the auxiliary loss -------------------------------------------------------------------------
@@ -256,18 +256,11 @@ needs_smollm2 = pytest.mark.skipif(llmjax.models.REGISTRY["smollm2-135m-instruct
 
 def transformers_twin(model: Mistral):
     """transformers' MistralForCausalLM (eager) holding an llmjax Mistral's weights, named through the key map."""
+    from llmjax.checkpoints import checkpoint_tensors
     from llmjax.llama import hf_key_map
 
     reference = transformers.MistralForCausalLM(hf_config(model.config, attn_implementation="eager")).eval()
-    key_map = hf_key_map(model.config.llama())
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    state = {}
-    for name in reference.state_dict():
-        rule, groups = key_map.match(name)
-        if rule is not None:
-            path = tuple(int(p) if p.isdigit() else p for p in rule.targets[0].format(**groups).split("."))
-            value = np.asarray(params[path][...])
-            state[name] = torch.from_numpy(np.array(value.T if rule.transform else value))
+    state = {k: torch.from_numpy(v) for k, v in checkpoint_tensors(model, hf_key_map(model.config)).items()}
     missing, unexpected = reference.load_state_dict(state, strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected
     assert reference.lm_head.weight is reference.model.embed_tokens.weight
