@@ -154,6 +154,7 @@ class _GGUFCursor:
         return self.array(dtype, 1, what)[0].item()
 
     def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings, each a uint64 length and that many bytes of UTF-8, in one tight loop."""
         self.need(8 * count, what)                  # each string takes at least its 8-byte length
         buffer, end, length, strings = self.buffer, len(self.buffer), struct.Struct("<Q").unpack_from, []
         position = self.position
