@@ -7,9 +7,9 @@ __all__ = ['DTYPES', 'SAFETENSORS_DTYPES', 'GGUF_SCALARS', 'GGUF_STRING', 'GGUF_
            'GGML_FLOATS', 'transpose', 'CheckpointError', 'resolve_dtype', 'SafetensorsFile', 'Checkpoint',
            'SafetensorsCheckpoint', 'GGUFTensor', 'read_gguf_header', 'dequantize', 'GGUFCheckpoint', 'gguf_tokenizer',
            'Transform', 'Rule', 'KeyMap', 'plan_loading', 'load_weights', 'load_model', 'hf_config',
-           'checkpoint_tensors', 'rope_from_hf', 'rope_to_hf', 'hf_rope', 'hf_eos_ids', 'hf_fields',
-           'gguf_hyperparameters', 'anonymous_memory', 'peak_memory_growth', 'save_model', 'restore_model', 'cache_dir',
-           'join_parts', 'package_file', 'PackagedFile']
+           'load_hf_directory', 'load_gguf', 'checkpoint_tensors', 'rope_from_hf', 'rope_to_hf', 'hf_rope',
+           'hf_eos_ids', 'hf_fields', 'gguf_hyperparameters', 'anonymous_memory', 'peak_memory_growth', 'save_model',
+           'restore_model', 'cache_dir', 'join_parts', 'package_file', 'PackagedFile']
 
 # %% ../nbs/04_checkpoints.ipynb #549e2178
 import dataclasses
@@ -563,6 +563,22 @@ def hf_config(directory) -> dict:
         raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model directory?")
     return json.loads(path.read_text())
 
+
+def load_hf_directory(model_cls, config_from_hf, hf_key_map, directory, dtype="float32", param_dtype=None):
+    """A model from a Hugging Face directory: its config.json through `config_from_hf`, its safetensors through
+    `hf_key_map(config)` — what an architecture's `from_hf_directory` does."""
+    config = config_from_hf(hf_config(directory))
+    checkpoint = SafetensorsCheckpoint.from_directory(directory)
+    return load_model(model_cls, config, checkpoint, hf_key_map(config), dtype, param_dtype)
+
+
+def load_gguf(model_cls, config_from_gguf, gguf_key_map, checkpoint, dtype="float32", param_dtype=None):
+    """(model, tokenizer) from a GGUF: config from its metadata, weights through `gguf_key_map(config)`, the
+    tokenizer it embeds — what an architecture's `from_gguf` does."""
+    config = config_from_gguf(checkpoint)
+    model = load_model(model_cls, config, checkpoint, gguf_key_map(config), dtype, param_dtype)
+    return model, gguf_tokenizer(checkpoint)
+
 # %% ../nbs/04_checkpoints.ipynb #f1d8c106
 def _layers(rule: Rule, paths) -> list[dict]:
     """The {"i": layer} groups of `rule` that the model has ([{}] for a rule without layers)."""
@@ -584,7 +600,7 @@ def checkpoint_tensors(model: nnx.Module, key_map: KeyMap) -> dict[str, np.ndarr
                 continue
             values = [np.asarray(params[t][...]) for t in targets]
             tensor = rule.transform.inverse(*values) if rule.transform else values[0]
-            tensors[key_map.prefix + rule.source.format(**groups)] = np.ascontiguousarray(tensor)
+            tensors[key_map.prefix + rule.source.format(**groups)] = np.array(tensor, order="C")   # a writable copy
             written.update(targets)
     if unwritten := [_dotted(p) for p in params if p not in written]:
         raise ValueError(f"the key map writes no tensor for {', '.join(unwritten)}")

