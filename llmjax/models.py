@@ -94,10 +94,14 @@ def _load_directory(directory: Path, dtype, param_dtype):
         raise CheckpointError(f"{directory} has no config.json: pass a Hugging Face model directory "
                               f"(config.json + *.safetensors) or a .gguf file")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError:
         raise CheckpointError(f"{config_file} is not valid JSON; download it again") from None
-    if model_type not in ARCHITECTURES:
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings; "
+                              f"download it again")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise CheckpointError(f"unsupported architecture {model_type!r} in {config_file}; llmjax supports "
                               f"{', '.join(sorted(ARCHITECTURES))}")
     model = ARCHITECTURES[model_type].from_hf_directory(directory, dtype, param_dtype)
@@ -110,7 +114,12 @@ def _load_tokenizer(directory: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    try:   # a folder is data: code it ships (an auto_map to a .py file) is never run, and nothing is asked on stdin
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+    except (ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"the tokenizer in {directory} can't be loaded without running code or files it "
+                              f"lacks ({reason}); use a folder with a plain tokenizer.json") from None
 
 
 def _load_gguf(path: Path, dtype, param_dtype):
@@ -167,13 +176,20 @@ def download(repo_id: str) -> Path:
 
 # %% ../nbs/12_models.ipynb #784a6412
 def resolve(source) -> Path:
-    """The local files `source` names: an existing path, a registered model's files, or a hub repo downloaded."""
+    """The local files `source` names: a registered model's files, an existing path, or a hub repo downloaded.
+
+    A registered name wins over a folder of the same name in the current directory: write ./name for the folder."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a registered name, a path or a hub repo id, got {type(source).__name__}")
+    if isinstance(source, str) and source in REGISTRY:
+        return REGISTRY[source].fetch()
+    if not str(os.fspath(source)).strip():
+        raise ValueError(f"source is empty: pass a registered name ({', '.join(REGISTRY)}), a model directory or a "
+                         f".gguf file")
     path = Path(os.fspath(source)).expanduser()
     if path.exists():
         return path
     source = str(source)
-    if source in REGISTRY:
-        return REGISTRY[source].fetch()
     looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.sep + os.sep in source
     if source.count("/") == 1 and not looks_like_path:
         return download(source)
