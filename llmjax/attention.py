@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['RoPE', 'rotate_half', 'apply_rope', 'causal_mask', 'sliding_window_mask', 'padding_mask', 'make_attention_mask',
            'softcap', 'attend', 'LayerCache', 'CacheLayout', 'KVCache', 'Attention', 'ModelOutput', 'prepare_inputs',
-           'run_blocks', 'model_output', 'cache_layout']
+           'run_blocks', 'model_output', 'cache_layout', 'check_inputs']
 
 # %% ../nbs/03_attention.ipynb #c8ebee25
 import dataclasses
@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from .layers import is_traced
 
 # %% ../nbs/03_attention.ipynb #8c200889
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +251,7 @@ def prepare_inputs(tokens: jax.Array, positions: jax.Array | None, attention_mas
                    cache: KVCache | None) -> tuple[jax.Array, jax.Array, KVCache | None]:
     """Default positions and validity for tokens [B, T]; claims the next T slots of the cache if there is one."""
     tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, length] token ids, got shape {tokens.shape}")
+    check_inputs(tokens, attention_mask, cache)
     valid = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     if positions is None:
         seen = 0 if cache is None else cache.seen[:, None]
@@ -289,3 +290,32 @@ def cache_layout(model: nnx.Module) -> CacheLayout:
     first = layers[0]
     return CacheLayout(num_kv_heads=first.num_kv_heads, head_dim=first.head_dim, dtype=jnp.dtype(first.dtype),
                        windows=tuple(m.window for m in layers))
+
+# %% ../nbs/03_attention.ipynb #a11ebf0f
+def check_inputs(tokens: jax.Array, attention_mask, cache: KVCache | None = None, *, name: str = "tokens") -> None:
+    """Refuse tokens that are not integers [B, T], and a mask of another shape, with values other than 0 and 1, or
+    (no cache) with a row of padding only. Shapes and dtypes always; values only where known (not traced)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must be [batch, length] token ids, got shape {tokens.shape}; for one sequence "
+                         f"pass {name}[None]")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integer token ids, got {tokens.dtype} values; cast them with "
+                        ".astype(np.int32)")
+    if attention_mask is None:
+        return
+    mask = attention_mask if isinstance(attention_mask, jax.Array) else np.asarray(attention_mask)
+    if mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape} but {name} has {tokens.shape}: give one 1 (token) or "
+                         "0 (padding) per token")
+    if not (mask.dtype == bool or jnp.issubdtype(mask.dtype, jnp.number)):
+        raise TypeError(f"attention_mask must hold 1 (token) and 0 (padding), got {mask.dtype} values")
+    if is_traced(mask):
+        return
+    values = np.asarray(mask)
+    other = values[(values != 0) & (values != 1)]
+    if other.size:
+        raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding), got {other.flat[0]}")
+    empty = np.flatnonzero(~values.any(-1))
+    if cache is None and empty.size:
+        raise ValueError(f"attention_mask row {empty[0]} is all zeros: each row needs at least one token (a 1) to "
+                         "attend to")

@@ -4,20 +4,23 @@
 
 # %% auto #0
 __all__ = ['PROMPT_BUCKET', 'CACHE_BUCKET', 'DECODE_CHUNK', 'STREAM_CHUNK', 'filter_top_k', 'filter_top_p', 'filter_min_p',
-           'Sampling', 'sample', 'bucket', 'DecodeState', 'stop_token_ids', 'stream_ids', 'generate_ids', 'stream_text',
+           'Sampling', 'sample', 'check_count', 'check_number', 'check_seed', 'check_token_id', 'check_token_ids',
+           'bucket', 'DecodeState', 'stop_token_ids', 'stream_ids', 'generate_ids', 'check_prompt', 'stream_text',
            'generate']
 
 # %% ../nbs/08_generation.ipynb #d49fc974
 import dataclasses
 import functools
-from typing import Iterator, Sequence
+import math
+import numbers
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import KVCache, cache_layout
+from .attention import KVCache, cache_layout, check_inputs
 
 # %% ../nbs/08_generation.ipynb #a67fc036
 def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
@@ -51,14 +54,13 @@ class Sampling:
     min_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        check_number("temperature", self.temperature, low=0.0, hint="0 is greedy")
+        if self.top_k is not None:
+            check_count("top_k", self.top_k)
+        if self.top_p is not None:
+            check_number("top_p", self.top_p, low=0.0, high=1.0, open_low=True, hint="1 keeps every token")
+        if self.min_p is not None:
+            check_number("min_p", self.min_p, low=0.0, high=1.0, hint="0 keeps every token")
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -74,6 +76,47 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
         logits = filter_min_p(logits, sampling.min_p)
     keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+# %% ../nbs/08_generation.ipynb #1f1c72bd
+def check_count(name: str, value, low: int = 1) -> None:
+    """Refuse anything but an int >= low: a bool is not a count, nor is a float, even 2.0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int (not a bool or a float), got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+def check_number(name: str, value, *, low: float, high: float = math.inf, open_low: bool = False,
+                 hint: str = "") -> None:
+    """Refuse anything but a finite real number in [low, high] ((low, high] with open_low)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+        where = f"in {'(' if open_low else '['}{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+        raise ValueError(f"{name} must be a finite number {where}" + (f" ({hint})" if hint else "") + f", got {value}")
+
+
+def check_seed(seed) -> None:
+    """A seed JAX's default PRNG key takes whole: an int of 32 bits, signed or not."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not -2**31 <= seed < 2**32:
+        raise ValueError(f"seed must fit in 32 bits (-2**31 <= seed < 2**32), got {seed}; use seed % 2**32")
+
+
+def check_token_id(name: str, value, vocab_size: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int token id, got {value!r}")
+    if not 0 <= value < vocab_size:
+        raise ValueError(f"{name} {value} is not a token id of this model: its vocabulary has {vocab_size} "
+                         f"ids (0..{vocab_size - 1})")
+
+
+def check_token_ids(name: str, values, vocab_size: int) -> None:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a list of token ids, got {values!r}; for one id pass [id]")
+    for value in values:
+        check_token_id(f"{name} entry", value, vocab_size)
 
 # %% ../nbs/08_generation.ipynb #df16ddf1
 PROMPT_BUCKET, CACHE_BUCKET, DECODE_CHUNK, STREAM_CHUNK = 16, 64, 16, 4   # smallest buckets; chunk sizes
@@ -141,10 +184,16 @@ def stream_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int, sa
                seed: int = 0, stop_ids: Sequence[int] = (), pad_id: int = 0, chunk: int = DECODE_CHUNK,
                with_logits: bool = False) -> Iterator:
     """Yield (tokens [B, n], logits [B, n, V] or None) for successive runs of new tokens, n >= 1 each, until
-    max_new_tokens are made or every row has emitted one of stop_ids (after which a row gets pad_id)."""
-    input_ids = np.asarray(input_ids, np.int32)
+    max_new_tokens are made or every row has emitted one of stop_ids (after which a row gets pad_id). The prompt,
+    max_new_tokens and seed are checked at the call, before anything runs."""
+    input_ids, mask = check_prompt(model, input_ids, attention_mask, max_new_tokens)
+    check_seed(seed)
+    return _stream_ids(model, input_ids, mask, int(max_new_tokens), sampling, int(seed), stop_ids, pad_id, chunk,
+                       with_logits)
+
+
+def _stream_ids(model, input_ids, mask, max_new_tokens, sampling, seed, stop_ids, pad_id, chunk, with_logits):
     B, T = input_ids.shape
-    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     padded = bucket(T, PROMPT_BUCKET)
     tokens = np.concatenate([np.zeros((B, padded - T), np.int32), input_ids], axis=1)   # masked: any valid id
     mask = np.concatenate([np.zeros((B, padded - T), np.int32), mask], axis=1)
@@ -174,12 +223,13 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32
 
     A row that emits a stop id (the model's EOS ids, plus `stop_ids`) is filled with `pad_id` (default: the first
     stop id) after it. With return_logits, also the logits that chose each new token, [B, max_new_tokens, V]."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     sampling = Sampling(temperature, top_k, top_p, min_p)
+    if stop_ids is not None:
+        check_token_ids("stop_ids", stop_ids, model.config.vocab_size)
+    if pad_id is not None:
+        check_token_id("pad_id", pad_id, model.config.vocab_size)
     stops = stop_token_ids(model, stop_ids)
     pad_id = pad_id if pad_id is not None else (stops[0] if stops else 0)
-    input_ids = np.asarray(input_ids, np.int32)
     pieces, logits = [], []
     for tokens, chunk_logits in stream_ids(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                            sampling=sampling, seed=seed, stop_ids=stops, pad_id=pad_id,
@@ -187,11 +237,41 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32
         pieces.append(np.asarray(tokens))
         if return_logits:
             logits.append(np.asarray(chunk_logits))
+    input_ids = np.asarray(input_ids, np.int32)   # checked by stream_ids
     new = np.concatenate(pieces, axis=1)
     out = np.full((input_ids.shape[0], max_new_tokens), pad_id, np.int32)
     out[:, :new.shape[1]] = new
     ids = np.concatenate([input_ids, out], axis=1)
     return (ids, np.concatenate(logits, axis=1)) if return_logits else ids
+
+# %% ../nbs/08_generation.ipynb #d176d72d
+def _rectangular(name: str, value) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except ValueError:   # NumPy refuses rows of different lengths
+        raise ValueError(f"{name} must be a rectangular [batch, length] array: left-pad the shorter rows (and mask "
+                         "the padding with attention_mask)") from None
+
+
+def check_prompt(model, input_ids, attention_mask, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt as int32 ids and mask [B, T], once they are known to fit the model: integer ids in its vocabulary,
+    a 0/1 mask of their shape with a token in every row, and room for max_new_tokens in its context."""
+    check_count("max_new_tokens", max_new_tokens)
+    ids = _rectangular("input_ids", input_ids)
+    mask = np.ones(ids.shape, np.int32) if attention_mask is None else _rectangular("attention_mask", attention_mask)
+    if ids.ndim == 2 and ids.size == 0:
+        raise ValueError(f"input_ids has shape {ids.shape}: give at least one prompt of at least one token")
+    check_inputs(ids, mask, name="input_ids")
+    vocab, low, high = model.config.vocab_size, int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"input_ids holds token id {high if high >= vocab else low}, outside the model's vocabulary "
+                         f"of {vocab} ids (0..{vocab - 1}): encode the prompt with the model's own tokenizer")
+    longest, context = int(mask.astype(bool).sum(-1).max()), model.config.context_length
+    if longest + max_new_tokens > context:
+        raise ValueError(f"the prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) is "
+                         f"{longest + max_new_tokens} tokens, past the model's context_length of {context}: shorten "
+                         "the prompt or lower max_new_tokens")
+    return ids.astype(np.int32), mask.astype(np.int32)
 
 # %% ../nbs/08_generation.ipynb #a051ecad
 def _text_stops(model, tokenizer, stop_ids: Sequence[int] | None = None) -> list[int]:
@@ -209,24 +289,45 @@ def _pad_id(tokenizer, model) -> int:
 
 def _encode(tokenizer, prompts: Sequence[str], pad_id: int):
     rows = [tokenizer(p)["input_ids"] for p in prompts]
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) is empty after tokenization: give every prompt some text")
     T = max(len(r) for r in rows)
-    if T == 0:
-        raise ValueError("the prompt is empty after tokenization")
     ids = np.array([[pad_id] * (T - len(r)) + r for r in rows], np.int32)
     mask = np.array([[0] * (T - len(r)) + [1] * len(r) for r in rows], np.int32)
     return ids, mask
 
 
+def _prompt_list(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, bytes) or not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is an empty list: give at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] is a {type(prompt).__name__}, not a string: every prompt must be text")
+    return prompts
+
+
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sampling, seed: int = 0,
                 stop_ids: Sequence[int] | None = None, on_token=None) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text pieces; `on_token(id)` is called for every token made."""
+    """Yield the continuation of `prompt` as text pieces; `on_token(id)` is called for every token made. The prompt
+    is encoded and checked at the call, before the first piece is asked for."""
     pad_id = _pad_id(tokenizer, model)
     stops = _text_stops(model, tokenizer, stop_ids)
     ids, mask = _encode(tokenizer, [prompt], pad_id)
+    tokens = stream_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                        stop_ids=stops, pad_id=pad_id, chunk=STREAM_CHUNK)
+    return _text_pieces(tokenizer, tokens, stops, on_token)
+
+
+def _text_pieces(tokenizer, tokens: Iterator, stops: Sequence[int], on_token) -> Iterator[str]:
     made, emitted, stopped = [], "", False
-    for tokens, _ in stream_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                                stop_ids=stops, pad_id=pad_id, chunk=STREAM_CHUNK):
-        for token in np.asarray(tokens)[0].tolist():
+    for chunk, _ in tokens:
+        for token in np.asarray(chunk)[0].tolist():
             if on_token is not None:
                 on_token(token)
             if token in stops:
@@ -246,14 +347,19 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 32, temperature: f
              stop_ids: Sequence[int] | None = None):
     """Continuations of `prompts` (a string or a list) as a list of strings, or, with stream=True and one prompt,
     an iterator of text pieces as they are made."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     sampling = Sampling(temperature, top_k, top_p, min_p)
+    vocab = model.config.vocab_size
+    if stop_ids is not None:
+        check_token_ids("stop_ids", stop_ids, vocab)
+    for name, token in [("eos_token_id", tokenizer.eos_token_id), ("pad_token_id", tokenizer.pad_token_id)]:
+        if token is not None:
+            check_token_id(f"the tokenizer's {name}", token, vocab)
     if stream:
         if not isinstance(prompts, str):
-            raise ValueError("stream=True takes one prompt (a string)")
+            raise ValueError(f"stream=True takes one prompt (a string), got {type(prompts).__name__}: pass one string, "
+                             "or drop stream=True for a list")
         return stream_text(model, tokenizer, prompts, max_new_tokens, sampling, seed, stop_ids)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = _prompt_list(prompts)
     pad_id = _pad_id(tokenizer, model)
     ids, mask = _encode(tokenizer, prompts, pad_id)
     out = generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed,
