@@ -36,10 +36,10 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
 def generate_command(args, stdin=None) -> int:
     import time
 
-    from llmjax.generation import STREAM_CHUNK, Sampling, stream_text
+    from llmjax.generation import STREAM_CHUNK, Sampling, check_count, check_seed, stream_text
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_count("--max-new-tokens", args.max_new_tokens)    # before the model loads: mistakes cost no time
+    check_seed(args.seed)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)   # refuses a bad temperature, top-k or top-p
     prompt = read_prompt(args.prompt, stdin)
     if not prompt.strip():
@@ -52,12 +52,7 @@ def generate_command(args, stdin=None) -> int:
             raise ValueError(f"{args.model} has no chat template; drop --chat")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                tokenize=False)
-    length = len(tokenizer(prompt)["input_ids"])
-    context = model.config.context_length
-    if length + args.max_new_tokens > context:
-        raise ValueError(f"the prompt has {length} tokens; with --max-new-tokens {args.max_new_tokens} that exceeds "
-                         f"the model's context of {context}: shorten the prompt or ask for fewer tokens")
-    times = []
+    times = []   # stream_text refuses, before making any token, a prompt that leaves no room in the context
     start = time.perf_counter()
     for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, sampling, args.seed,
                              on_token=lambda _: times.append(time.perf_counter())):
@@ -85,7 +80,7 @@ def models_table() -> str:
         abstract = nnx.eval_shape(lambda: arch.model(info.config, rngs=nnx.Rngs(0)))
         default = " (default)" if info.name == DEFAULT_MODEL else ""
         rows.append((info.name + default, info.architecture, f"{parameter_count(abstract) / 1e6:,.0f}M", info.source,
-                     "yes" if info.locate() else "no"))
+                     "yes" if info.available() else "no"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

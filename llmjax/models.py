@@ -70,6 +70,10 @@ class ModelInfo:
         found = try_to_load_from_cache(self.hub, "config.json")
         return Path(found).parent if isinstance(found, str) else None
 
+    def available(self) -> bool:
+        """Whether the files are here, found without reading them (no join of parts, no download)."""
+        return self.files.installed() if self.files is not None else self.locate() is not None
+
     def fetch(self) -> Path:
         """The model's files: already here, or downloaded from the hub; a PyPI package must be installed first."""
         return self.files.fetch() if self.files is not None else (self.locate() or download(self.hub))

@@ -146,3 +146,32 @@ def test_an_internal_error_is_one_line_too(monkeypatch, capsys):
     monkeypatch.setenv("LLMJAX_DEBUG", "1")
     with pytest.raises(KeyError):
         main(["models"])
+
+
+@pytest.mark.parametrize("argv, expected", [(["--seed", str(10**20)], "seed must fit in 32 bits"),
+                                            (["--seed", "-99999999999"], "seed must fit in 32 bits"),
+                                            (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                                            (["--temperature", "nan"], "temperature"),
+                                            (["--top-p", "inf"], "top_p")])
+def test_cli_refuses_bad_numbers_before_loading(argv, expected, capsys, monkeypatch):
+    import llmjax.cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(llmjax.cli, "load", no_load)
+    assert main(["generate", "hello", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def test_models_lists_without_joining(tmp_path, monkeypatch, capsys):
+    """`llmjax models` says a model made of parts is installed without joining them (253 MB) into the cache."""
+    monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "cache"))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    parts = [name for name, info in REGISTRY.items() if info.files is not None and info.files.parts]
+    for name in parts:
+        row = next(line for line in out.splitlines() if line.startswith(name))
+        assert row.rstrip().endswith("yes" if REGISTRY[name].files.installed() else "no")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
