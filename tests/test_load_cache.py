@@ -174,6 +174,11 @@ def overwrite(path, at: int, data: bytes):
         f.write(data)
 
 
+def append(path, data: bytes):
+    with open(path, "ab") as f:
+        f.write(data)
+
+
 def edit_entry(change):
     def edit(folder):
         entry = json.loads((folder / "entry.json").read_text())
@@ -193,7 +198,7 @@ DAMAGE = {   # case: what happens to the entry folder after it was written
     "tokenizer.json truncated": lambda f: os.truncate(f / "tokenizer.json", 100),
     "tokenizer.json emptied": lambda f: os.truncate(f / "tokenizer.json", 0),
     "tokenizer.json a byte changed": lambda f: overwrite(f / "tokenizer.json", 50, b"#"),
-    "tokenizer.json appended to": lambda f: open(f / "tokenizer.json", "ab").write(b" "),
+    "tokenizer.json appended to": lambda f: append(f / "tokenizer.json", b" "),
     "tokenizer.json deleted": lambda f: (f / "tokenizer.json").unlink(),
     "tokenizer.json a folder": lambda f: (f / "tokenizer.json").unlink() or (f / "tokenizer.json").mkdir(),
     "entry.json truncated": lambda f: os.truncate(f / "entry.json", 10),
@@ -255,7 +260,8 @@ def test_entry_that_checks_out_but_cant_be_read_is_one_line(tiny_gguf, cache):
 def test_entry_is_flushed_before_it_is_renamed_into_place(tiny_gguf, cache, monkeypatch):
     calls = []
     fsync, rename = os.fsync, os.rename
-    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "fsync",
+                        lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
     monkeypatch.setattr(os, "rename", lambda a, b: calls.append(("rename", str(a))) or rename(a, b))
     gguf_tokenizer(GGUFCheckpoint(tiny_gguf, cache=cache))
     kinds = [kind for kind, path in calls if ".partial" in path]
