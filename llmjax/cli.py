@@ -35,9 +35,7 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
 
 
 def generate_command(args, stdin=None) -> int:
-    import time
-
-    from llmjax.generation import STREAM_CHUNK, Sampling, check_count, check_seed, compilation_cache, stream_text
+    from llmjax.generation import STREAM_CHUNK, Sampling, check_count, check_seed, compiled_on_disk
 
     check_count("--max-new-tokens", args.max_new_tokens)    # before the model loads: mistakes cost no time
     check_seed(args.seed)
@@ -45,7 +43,24 @@ def generate_command(args, stdin=None) -> int:
     prompt = read_prompt(args.prompt, stdin)
     if not prompt.strip():
         raise ValueError("the prompt is empty: pass it as an argument or on standard input")
-    compilation_cache()   # a second run reads the compiled programs instead of compiling (chapter 8)
+    with compiled_on_disk():   # a second run reads the compiled programs instead of compiling (chapter 8)
+        times, start = _stream_to_stdout(args, prompt, sampling)
+    if times:   # tokens arrive in chunks; the first two chunks include compilation, so time the ones after them
+        warm = times[min(len(times) - 1, STREAM_CHUNK + 1)]
+        later = [t for t in times if t > warm]
+        rate = (f"{len(later) / (later[-1] - warm):.1f} tokens/s" if len(later) >= STREAM_CHUNK
+                else "too few tokens to time")
+        print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s including compilation]",
+              file=sys.stderr)
+    return 0
+
+
+def _stream_to_stdout(args, prompt: str, sampling) -> tuple[list[float], float]:
+    """Load the model and print its continuation of the prompt as it is made: (each token's time, the start)."""
+    import time
+
+    from llmjax.generation import stream_text
+
     model, tokenizer = load(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; llmjax generate needs one")
@@ -60,14 +75,7 @@ def generate_command(args, stdin=None) -> int:
                              on_token=lambda _: times.append(time.perf_counter())):
         print(piece, end="", flush=True)
     print(flush=True)
-    if times:   # tokens arrive in chunks; the first two chunks include compilation, so time the ones after them
-        warm = times[min(len(times) - 1, STREAM_CHUNK + 1)]
-        later = [t for t in times if t > warm]
-        rate = (f"{len(later) / (later[-1] - warm):.1f} tokens/s" if len(later) >= STREAM_CHUNK
-                else "too few tokens to time")
-        print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s including compilation]",
-              file=sys.stderr)
-    return 0
+    return times, start
 
 # %% ../nbs/18_cli.ipynb #fcaa9ad2
 def models_table() -> str:

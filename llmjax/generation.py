@@ -8,9 +8,10 @@ __all__ = ['CANDIDATES', 'MASS_MARGIN', 'PROMPT_BUCKET', 'CACHE_BUCKET', 'DECODE
            'float_keys', 'key_floats', 'mass_cut', 'nucleus_cut', 'filter_top_p', 'categorical', 'check_count',
            'check_number', 'check_seed', 'check_token_id', 'check_token_ids', 'Sampling', 'sample', 'bucket',
            'DecodeState', 'stop_token_ids', 'stream_ids', 'generate_ids', 'check_prompt', 'stream_text', 'generate',
-           'compilation_cache']
+           'compilation_cache', 'compiled_on_disk']
 
 # %% ../nbs/08_generation.ipynb #d49fc974
+import contextlib
 import dataclasses
 import functools
 import math
@@ -512,3 +513,18 @@ def compilation_cache(path=None) -> Path | None:
     jax_cache.set_cache_dir(str(folder))
     jax_cache.reset_cache()   # takes effect even if this process compiled something before
     return folder
+
+
+@contextlib.contextmanager
+def compiled_on_disk(path=None):
+    """`compilation_cache` for the length of a `with` block, which yields its folder (or None); the process's own
+    setting is restored after it, so a caller's JAX is left as it was found."""
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    previous = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    try:
+        yield compilation_cache(path)
+    finally:
+        jax.config.update("jax_compilation_cache_max_size", previous[1])
+        jax_cache.set_cache_dir(previous[0])
+        jax_cache.reset_cache()

@@ -90,3 +90,14 @@ def test_the_cli_warns_in_one_line_and_still_generates(tmp_path, tiny_gpt2_dir):
     warnings = [line for line in out.stderr.splitlines() if "warning" in line.lower()]
     assert len(warnings) == 1 and warnings[0].startswith("llmjax: warning: compiled programs are not kept"), out.stderr
     assert "Traceback" not in out.stderr and "4 tokens" in out.stderr
+
+
+def test_main_in_process_leaves_jax_as_it_found_it(tmp_path, tiny_gpt2_dir, monkeypatch, capsys):
+    """`llmjax generate` through `main` (as a notebook or a test calls it) switches the cache on for its own run only."""
+    from llmjax.cli import main
+
+    directory, _ = tiny_gpt2_dir
+    monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path))
+    assert main(["generate", "--model", str(directory), "--max-new-tokens", "4", "hello"]) == 0
+    assert (tmp_path / "xla").is_dir() and "4 tokens" in capsys.readouterr().err
+    assert jax.config.jax_compilation_cache_dir is None
