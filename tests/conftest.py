@@ -7,6 +7,17 @@ import pytest
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def free_compiled_programs():
+    """XLA's CPU client maps memory for every program it compiles (a top-p sampler: about 230 mappings) and keeps it
+    while JAX's jit caches hold the program. The whole suite in one process passed Linux's limit of 65,530 mappings
+    (vm.max_map_count) and crashed inside the compiler, so each test module's programs are let go when it ends."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     """A tiny random GPT-2 saved by transformers, with a byte-level tokenizer: (directory, reference model)."""

@@ -19,6 +19,13 @@ paths = jax.jit(jax.vmap(lambda row, p, candidates: nucleus_cut(row, p, candidat
                 static_argnums=(1, 2))
 
 
+@pytest.fixture(autouse=True)
+def free_compiled_programs_per_test():
+    """This file compiles a sampler for each of ~200 settings and shapes: let each test's go (see conftest.py)."""
+    yield
+    jax.clear_caches()
+
+
 def assert_same_filter(logits, p, candidates=CANDIDATES):
     """filter_top_p == filter_top_p_reference: the same kept set and the same values, bit for bit, and so the same
     renormalised probabilities. Row by row: where float32 rounding decides the cut, the reference itself can cut a
