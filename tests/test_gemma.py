@@ -280,7 +280,8 @@ def test_default_model_is_gemma3():
 
 @needs_gemma3
 def test_real_model_runs_without_torch(tmp_path):
-    """By name, in a fresh cache (so the parts are joined), in a process where importing torch fails."""
+    """By name, in a fresh cache (so the parts are joined and the tokenizer kept), in a process where importing torch
+    fails."""
     code = """
 import sys
 sys.modules["torch"] = None
@@ -293,7 +294,9 @@ assert not any(name == "torch" or name.startswith("torch.") for name, mod in sys
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Paris" in out.stdout
-    assert [p.name for p in tmp_path.iterdir()] == ["gemma-3-270m-q4_k_m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma-3-270m-q4_k_m.gguf", "tokenizers"]
+    kept = list((tmp_path / "tokenizers").iterdir())                 # the tokenizer, kept for the next load
+    assert len(kept) == 1 and sorted(p.name for p in kept[0].iterdir()) == ["entry.json", "tokenizer.json"]
 
 
 @pytest.fixture(scope="module")
