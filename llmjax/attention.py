@@ -244,8 +244,9 @@ class Attention(nnx.Module):
         new = LayerCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),     # head-major [B, K, T, d]
                          positions.astype(jnp.int32), valid != 0)
         keys, cache = (new, None) if cache is None else cache.update_layer(layer, new)
-        k_segments = valid if cache is None else keys.valid   # a cache holds one document per row
-        mask = make_attention_mask(positions, keys.positions, k_segments, self.window, q_segments=valid)
+        packed = cache is None                                 # a cache holds one document per row
+        mask = make_attention_mask(positions, keys.positions, valid if packed else keys.valid, self.window,
+                                   q_segments=valid if packed else None)
         out = attend(q, keys.keys, keys.values, mask, scale=self.scale, logit_cap=self.logit_cap)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
 

@@ -1,11 +1,12 @@
 """Training beyond the chapter: for every architecture the loss and every parameter's gradient equal transformers'
 (right padding with token 0, a prompt, Mixtral's balancing loss), and agree with float64 finite differences of
-llmjax's own function; padding never reaches the gradient; Gemma's zero padding row; the real SmolLM2 on a chat;
+llmjax's own function; padding never reaches the gradient; Gemma's zero padding row;
 segment ids (masks, positions, refusals); packed rows equal to each document alone for every architecture; chat
 labels, data files and their refusals; resumable batches; the schedule, the weight-decay mask and clipping;
 micro-batches equal to one batch; a step that compiles once, donates its state and trains only `wrt`."""
 import contextlib
 import dataclasses
+import functools
 import json
 import tempfile
 
@@ -32,7 +33,7 @@ from llmjax.training import (IGNORE, Batch, DataState, Document, TrainConfig, be
                              learning_rate_schedule, load_rows, loss_terms, make_optimizer, model_loss, next_batch,
                              next_token_targets, pack, read_records, text_document, token_losses, train_state,
                              train_step)
-from llmjax.validation import load_reference, randomize
+from llmjax.validation import randomize
 
 # name: (transformers model_type, tiny config, key map)
 CASES = {"gpt2": ("gpt2", GPT2Config.tiny(), lambda c: gpt2.KEY_MAP),
@@ -61,8 +62,10 @@ def tokenizer():
     return gguf_tokenizer(GGUFCheckpoint(REGISTRY["smollm2-135m-instruct"].fetch()))
 
 
+@functools.cache
 def random_models(name: str, seed: int = 0, std: float | None = 0.1):
-    """(llmjax model, transformers model) of CASES[name], every weight redrawn (std None: transformers' init)."""
+    """(llmjax model, transformers model) of CASES[name], every weight redrawn (std None: transformers' init); made
+    once per module and shared by the tests, which only read them (a backward pass zeroes the reference's grads)."""
     model_type, config, _ = CASES[name]
     hf = ARCHITECTURES[model_type].config_to_hf(config)
     if name == "mixtral":
@@ -96,6 +99,12 @@ def reference_loss(reference, batch: Batch):
                      labels=as_torch(batch.labels), **moe).loss
 
 
+# Compiled: one XLA program per architecture and shape, where an eager call dispatches (and compiles) every
+# operation on its own — several times slower for a first call, which is most calls here.
+loss_and_gradients = nnx.jit(nnx.value_and_grad(model_loss), static_argnums=2)
+forward = nnx.jit(lambda model, tokens, mask: model(tokens, attention_mask=mask))
+
+
 def balance_weight(name: str) -> float:
     return BALANCE if name == "mixtral" else 0.0
 
@@ -125,9 +134,10 @@ def test_loss_and_every_gradient_equal_transformers(name):
     llmjax padding reaches no gradient either), a prompt, sliding windows, soft-caps, Mixtral's balancing loss."""
     model, reference = random_models(name)
     batch = padded_batch(model.config.vocab_size)
+    reference.zero_grad()
     theirs = reference_loss(reference, batch)
     theirs.backward()
-    loss, grads = nnx.value_and_grad(model_loss)(model, batch, balance_weight(name))
+    loss, grads = loss_and_gradients(model, batch, balance_weight(name))
     assert abs(float(loss) - theirs.item()) < 1e-5 * theirs.item()
     ours = checkpoint_gradients(model, grads, CASES[name][2](model.config))
     reference_grads = {n: p.grad.numpy() for n, p in reference.named_parameters()}
@@ -166,7 +176,7 @@ def test_gradients_equal_float64_finite_differences(name):
     model, _ = random_models(name)
     batch = padded_batch(model.config.vocab_size, seed=1)
     weight = balance_weight(name)
-    _, grads = nnx.value_and_grad(model_loss)(model, batch, weight)
+    _, grads = loss_and_gradients(model, batch, weight)
     floor = 1e-3 * float(optax.tree.norm(grads))
     directions, eps, errors = np.random.default_rng(2), 1e-5, {}
     with float64_twin():
@@ -191,7 +201,7 @@ def test_padding_reaches_no_gradient(name):
     experts, whose sums run in another order when the padding routes elsewhere (rounding: 1e-6 of the tensor)."""
     model, _ = random_models(name)
     with_zeros, with_fives = (padded_batch(model.config.vocab_size, pad_id=pad) for pad in (0, 5))
-    results = [nnx.value_and_grad(model_loss)(model, b, balance_weight(name)) for b in (with_zeros, with_fives)]
+    results = [loss_and_gradients(model, b, balance_weight(name)) for b in (with_zeros, with_fives)]
     assert float(results[0][0]) == float(results[1][0])
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         if name == "mixtral":
@@ -200,7 +210,7 @@ def test_padding_reaches_no_gradient(name):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])     # Gemma 1: the chapter's own
 def test_gemma_zero_padding_row(name):
     """transformers initialises Gemma's row 0 to zeros and sends no gradient to its lookups. With token 0 as a real
     token, llmjax's row-0 gradient is the true derivative (the float64 twin's central difference agrees, at a step
@@ -211,8 +221,9 @@ def test_gemma_zero_padding_row(name):
     tokens = np.random.default_rng(3).integers(1, model.config.vocab_size, (2, 12)).astype(np.int32)
     tokens[:, [2, 7]] = 0
     batch = Batch(tokens, np.ones_like(tokens), tokens)
+    reference.zero_grad()
     reference_loss(reference, batch).backward()
-    _, grads = nnx.value_and_grad(model_loss)(model, batch)
+    _, grads = loss_and_gradients(model, batch, 0.0)
     ours = np.asarray(grads["embed_tokens"]["embedding"][...])[0].astype(np.float64)
     u = np.random.default_rng(4).standard_normal(ours.shape)
     u /= np.linalg.norm(u)
@@ -232,21 +243,6 @@ def test_gemma_zero_padding_row(name):
     assert abs(ours @ u - exact) < 1e-4 * abs(exact)
     assert abs(reference.model.embed_tokens.weight.grad[0].numpy() @ u - exact) > 0.1 * abs(exact)
     assert abs(slope(float32_loss, table, 1e-2) - exact) > 0.3 * abs(exact)
-
-
-def test_real_smollm2_chat_loss_equals_transformers(tokenizer):
-    """The real SmolLM2 on a conversation learned only where the assistant speaks, and on a plain paragraph."""
-    from llmjax.validation import PARAGRAPH
-
-    model, _ = llmjax.load("smollm2-135m-instruct")
-    reference = load_reference(REGISTRY["smollm2-135m-instruct"].fetch())
-    chat = [{"role": "user", "content": "Name three rivers of South America."},
-            {"role": "assistant", "content": "The Amazon, the Orinoco and the Paraná."}]
-    for document in (chat_document(tokenizer, chat), text_document(tokenizer, PARAGRAPH)):
-        rows = pack([document], len(document))
-        batch = Batch(rows.tokens, rows.segments, rows.labels)
-        ours, theirs = float(model_loss(model, batch)), reference_loss(reference, batch).item()
-        assert abs(ours - theirs) < 1e-4, (ours, theirs)
 
 
 # --- segment ids ---------------------------------------------------------------------------------------------
@@ -308,15 +304,21 @@ def test_packed_rows_equal_each_document_alone(name):
     documents = [Document(rng.integers(1, config.vocab_size, n).astype(np.int32), np.ones(n, bool))
                  for n in (7, 3, 12, 5, 9, 2, 11)]
     rows = pack(documents, 20)
-    logits = model(rows.tokens, attention_mask=rows.segments)
+    logits = forward(model, rows.tokens, rows.segments)
+    # Each document alone in a row of its own, padded on the right: causal attention never reads what follows a
+    # token, so its logits are the document's alone — and one call of one shape instead of a compilation per length.
+    longest = max(len(d) for d in documents)
+    alone_tokens = np.stack([np.pad(d.tokens, (0, longest - len(d))) for d in documents])
+    alone_mask = (np.arange(longest) < np.array([len(d) for d in documents])[:, None]).astype(np.int32)
+    alone = forward(model, alone_tokens, alone_mask)
     for row, members in enumerate(best_fit([len(d) for d in documents], 20)):
         at = 0
         for d in members:
-            alone = model(documents[d].tokens[None])[0]
-            np.testing.assert_allclose(logits[row, at:at + len(documents[d])], alone, atol=2e-5, rtol=1e-5)
-            at += len(documents[d])
-    separately = np.concatenate([token_losses(model(d.tokens[None]), d.tokens[None])[0][0, :-1] for d in documents])
-    assert abs(float(cross_entropy(logits, rows.labels)) - separately.mean()) < 1e-5
+            n = len(documents[d])
+            np.testing.assert_allclose(logits[row, at:at + n], alone[d, :n], atol=2e-5, rtol=1e-5)
+            at += n
+    separately, counted = token_losses(alone, np.where(alone_mask > 0, alone_tokens, IGNORE))
+    assert abs(float(cross_entropy(logits, rows.labels)) - float(separately.sum() / counted.sum())) < 1e-5
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -467,7 +469,8 @@ def test_weight_decay_applies_to_matrices_only(name):
     assert all(not f for k, f in flags.items() if k.endswith(("scale", "bias")))
     train = TrainConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.5)
     tx = make_optimizer(train)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)   # no gradient: decay only
+    update = jax.jit(tx.update)                                        # one compilation, not one per tensor shape
+    updates, _ = update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)   # no gradient: decay only
     for path, update in jax.tree_util.tree_leaves_with_path(updates):
         key, param = jax.tree_util.keystr(path, simple=True, separator="/"), params
         for k in path:
@@ -495,35 +498,26 @@ def uneven_batch(vocab_size: int, rows: int = 8, seed: int = 7) -> Batch:
     return Batch(tokens, segments, np.where(segments > 0, tokens, IGNORE))
 
 
-@pytest.mark.parametrize("model_class, config", [(Llama, LlamaConfig.tiny()), (Mixtral, MixtralConfig.tiny())])
-def test_micro_batches_give_the_whole_batch_gradient(model_class, config):
+@pytest.mark.parametrize("model_class, config, splits", [(Llama, LlamaConfig.tiny(), (2, 8)),
+                                                          (Mixtral, MixtralConfig.tiny(), (2,))])
+def test_micro_batches_give_the_whole_batch_gradient(model_class, config, splits):
+    """Each split is a compilation (a few seconds, Mixtral's the most): two for LLaMA, one for Mixtral — whose
+    balancing loss, a statistic of each forward pass, is the mean of the micro-batches' (reported whatever its
+    weight)."""
     model = model_class(config, rngs=nnx.Rngs(0))
     batch = uneven_batch(config.vocab_size)
     whole, whole_metrics = gradients(model, batch)
-    for micro_batches in (2, 4, 8):
+    for micro_batches in splits:
         parts, metrics = gradients(model, batch, micro_batches=micro_batches)
         for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(parts)):
             assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(a).max())
         assert abs(float(metrics["loss"]) - float(whole_metrics["loss"])) < 1e-5
-    if model_class is Mixtral:   # the balancing loss is a statistic of each forward pass: averaged over micro-batches
-        _, metrics = gradients(model, batch, micro_batches=2, balance_weight=BALANCE)
-        halves = [float(loss_terms(model, jax.tree.map(lambda a: a[i:i + 4], batch)).balance) for i in (0, 4)]
-        assert abs(float(metrics["balance"]) - np.mean(halves)) < 1e-6
+    if model_class is Mixtral:
+        halves = [float(nnx.jit(loss_terms)(model, jax.tree.map(lambda a: a[i:i + 4], batch)).balance)
+                  for i in (0, 4)]
+        assert abs(float(metrics["balance"]) - np.mean(halves)) < 1e-6 and float(metrics["balance"]) > 0
     with pytest.raises(ValueError, match="can't be split into 3 equal micro-batches"):
         gradients(model, batch, micro_batches=3)
-
-
-def test_a_step_with_micro_batches_feeds_adam_the_same_gradient():
-    config = TrainConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10)
-    batch = uneven_batch(211)
-    results = []
-    for micro_batches in (1, 4):
-        step_config = dataclasses.replace(config, micro_batches=micro_batches)
-        graphdef, state = train_state(Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(1)), step_config)
-        state, _ = train_step(graphdef, state, batch, step_config)
-        results.append(nnx.as_pure(nnx.merge(graphdef, state)[1].opt_state))
-    for a, b in zip(*(jax.tree.leaves(r) for r in results)):
-        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(a).max()), 1e-30)
 
 
 def test_steps_compile_once_donate_their_state_and_learn():
