@@ -10,6 +10,7 @@ __all__ = ['BENCH_MODELS', 'read_prompt', 'generate_command', 'models_table', 'v
 import argparse
 import os
 import sys
+import warnings
 
 from .models import DEFAULT_MODEL, REGISTRY, load
 
@@ -34,9 +35,7 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
 
 
 def generate_command(args, stdin=None) -> int:
-    import time
-
-    from llmjax.generation import STREAM_CHUNK, Sampling, check_count, check_seed, stream_text
+    from llmjax.generation import STREAM_CHUNK, Sampling, check_count, check_seed, compiled_on_disk
 
     check_count("--max-new-tokens", args.max_new_tokens)    # before the model loads: mistakes cost no time
     check_seed(args.seed)
@@ -44,6 +43,24 @@ def generate_command(args, stdin=None) -> int:
     prompt = read_prompt(args.prompt, stdin)
     if not prompt.strip():
         raise ValueError("the prompt is empty: pass it as an argument or on standard input")
+    with compiled_on_disk():   # a second run reads the compiled programs instead of compiling (chapter 8)
+        times, start = _stream_to_stdout(args, prompt, sampling)
+    if times:   # tokens arrive in chunks; the first two chunks include compilation, so time the ones after them
+        warm = times[min(len(times) - 1, STREAM_CHUNK + 1)]
+        later = [t for t in times if t > warm]
+        rate = (f"{len(later) / (later[-1] - warm):.1f} tokens/s" if len(later) >= STREAM_CHUNK
+                else "too few tokens to time")
+        print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s including compilation]",
+              file=sys.stderr)
+    return 0
+
+
+def _stream_to_stdout(args, prompt: str, sampling) -> tuple[list[float], float]:
+    """Load the model and print its continuation of the prompt as it is made: (each token's time, the start)."""
+    import time
+
+    from llmjax.generation import stream_text
+
     model, tokenizer = load(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; llmjax generate needs one")
@@ -58,14 +75,7 @@ def generate_command(args, stdin=None) -> int:
                              on_token=lambda _: times.append(time.perf_counter())):
         print(piece, end="", flush=True)
     print(flush=True)
-    if times:   # tokens arrive in chunks; the first two chunks include compilation, so time the ones after them
-        warm = times[min(len(times) - 1, STREAM_CHUNK + 1)]
-        later = [t for t in times if t > warm]
-        rate = (f"{len(later) / (later[-1] - warm):.1f} tokens/s" if len(later) >= STREAM_CHUNK
-                else "too few tokens to time")
-        print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s including compilation]",
-              file=sys.stderr)
-    return 0
+    return times, start
 
 # %% ../nbs/18_cli.ipynb #fcaa9ad2
 def models_table() -> str:
@@ -138,7 +148,12 @@ def bench_command(args) -> int:
     from llmjax.bench import COLUMNS, SAMPLED_COLUMNS, run, table, table_row
     from llmjax.generation import Sampling
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)   # refuses a bad setting before any model loads
+    filtered = args.top_k is not None or args.top_p is not None
+    if args.temperature == 0 and filtered:
+        raise ValueError("--top-k and --top-p choose what to sample from, and --temperature 0 is greedy: drop "
+                         "--temperature 0, or the filters")
+    temperature = args.temperature if args.temperature is not None else 1.0 if filtered else 0.0
+    sampling = Sampling(temperature, args.top_k, args.top_p)   # refuses a bad setting before any model loads
     print("| " + " | ".join(SAMPLED_COLUMNS if sampling.temperature else COLUMNS) + " |", flush=True)
     results = run(args.model or BENCH_MODELS, args.batch, args.prompt_tokens, args.new_tokens, args.repeats,
                   args.dtype, reference=not args.no_reference, sampling=sampling,
@@ -185,8 +200,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed runs per case; medians are reported (default: 3)")
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="both libraries' dtype (default: float32)")
-    b.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature, both libraries with "
-                                                                  "the same settings; 0 is greedy (default: 0)")
+    b.add_argument("--temperature", type=float, default=None, help="sample at this temperature, both libraries with "
+                                                                   "the same settings; 0 is greedy (default: 1 with "
+                                                                   "--top-k or --top-p, else 0)")
     b.add_argument("--top-k", type=int, default=None, help="when sampling, keep the K most likely tokens (default: off)")
     b.add_argument("--top-p", type=float, default=None, help="when sampling, nucleus sampling with P in (0, 1] "
                                                              "(default: off)")
@@ -195,8 +211,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warn_on_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"llmjax: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    with warnings.catch_warnings():   # a warning is one line too, and the caller's own display is restored after
+        warnings.showwarning = _warn_on_one_line
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.command == "generate":
             return generate_command(args)
