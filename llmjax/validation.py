@@ -159,8 +159,8 @@ def load_reference(path, dtype=None):
     path = Path(path)
     where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) if path.suffix == ".gguf" else \
         dict(pretrained_model_name_or_path=path, use_safetensors=True)   # the files llmjax reads, never a pickle
-    return AutoModelForCausalLM.from_pretrained(**where, dtype=dtype or torch.float32, attn_implementation="eager",
-                                                trust_remote_code=False).eval()
+    return AutoModelForCausalLM.from_pretrained(**where, trust_remote_code=False, dtype=dtype or torch.float32,
+                                                attn_implementation="eager").eval()
 
 
 def random_pair(hf_config: dict, load_directory, seed: int = 0, dtype: str = "float32"):

@@ -7,6 +7,19 @@ import pytest
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+def overwrite(path, at: int, data: bytes):
+    """Damage a file in place: `data` written over its bytes from offset `at`."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+
+
+def append(path, data: bytes):
+    """Damage a file by adding `data` after its end."""
+    with open(path, "ab") as f:
+        f.write(data)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def free_compiled_programs():
     """XLA's CPU client maps memory for every program it compiles (a top-p sampler: about 230 mappings) and keeps it

@@ -25,6 +25,7 @@ from llmjax import gemma, gpt2, llama, mistral
 from llmjax.checkpoints import (CheckpointError, GGUFCheckpoint, PackagedFile, SafetensorsCheckpoint, SafetensorsFile,
                                 checkpoint_tensors, join_parts, restore_model, save_model)
 from llmjax.layers import MLP
+from conftest import append, overwrite
 
 # the cache's record lives in an extended attribute, some checks read /proc: Linux's
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
@@ -656,16 +657,6 @@ def packaged(tmp_path, monkeypatch):
     return PackagedFile("hostileparts==1", "whole.gguf", parts=tuple(f"hostileparts/p{i}" for i in range(3)),
                         sha256=hashlib.sha256(WHOLE).hexdigest())
 
-
-def overwrite(path, at: int, data: bytes):
-    with open(path, "r+b") as f:
-        f.seek(at)
-        f.write(data)
-
-
-def append(path, data: bytes):
-    with open(path, "ab") as f:
-        f.write(data)
 
 
 def replace_with(path, data: bytes):

@@ -25,6 +25,7 @@ from llmjax import checkpoints, llama
 from llmjax.checkpoints import (CheckpointError, GGUFCheckpoint, cached_gguf_tokenizer, checkpoint_tensors,
                                 gguf_tokenizer)
 from llmjax.models import REGISTRY
+from conftest import append, overwrite
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux only (locks, /proc)")
 
@@ -167,16 +168,6 @@ def test_header_hash_reads_only_the_header(tiny_gguf, tmp_path):
 
 
 # --- damage ---------------------------------------------------------------------------------------------------
-
-def overwrite(path, at: int, data: bytes):
-    with open(path, "r+b") as f:
-        f.seek(at)
-        f.write(data)
-
-
-def append(path, data: bytes):
-    with open(path, "ab") as f:
-        f.write(data)
 
 
 def edit_entry(change):
