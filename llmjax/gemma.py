@@ -187,12 +187,14 @@ class Gemma(nnx.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **dtypes, rngs=rngs)
         self.layers = nnx.List([GemmaBlock(config, i, **dtypes, rngs=rngs) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=1.0, **dtypes)
+        self.remat = None   # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None, return_hidden_states=False):
         positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
         x = self.embed_tokens(tokens)
         x = x * embedding_scale(self.config.hidden_size, x.dtype)
-        x, cache, hidden = run_blocks(self.layers, x, positions, valid, cache, self.norm, return_hidden_states)
+        x, cache, hidden = run_blocks(self.layers, x, positions, valid, cache, self.norm, return_hidden_states,
+                                      self.remat)
         logits = softcap(self.embed_tokens.attend(x).astype(jnp.float32), self.config.final_logit_softcapping)
         return model_output(logits, cache, hidden, return_hidden_states)
 

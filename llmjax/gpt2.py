@@ -87,11 +87,12 @@ class GPT2(nnx.Module):
         self.wpe = Embedding(config.n_positions, config.n_embd, **dtypes, rngs=rngs)
         self.h = nnx.List([GPT2Block(config, **dtypes, rngs=rngs) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, **dtypes)
+        self.remat = None   # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None, return_hidden_states=False):
         positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
         x = self.wte(tokens) + self.wpe(positions)
-        x, cache, hidden = run_blocks(self.h, x, positions, valid, cache, self.ln_f, return_hidden_states)
+        x, cache, hidden = run_blocks(self.h, x, positions, valid, cache, self.ln_f, return_hidden_states, self.remat)
         return model_output(self.wte.attend(x), cache, hidden, return_hidden_states)
 
 # %% ../nbs/06_gpt2.ipynb #5fa5b128

@@ -158,11 +158,12 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **dtypes)
         self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
             config.hidden_size, config.vocab_size, use_bias=False, **dtypes, rngs=rngs)
+        self.remat = None   # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None, return_hidden_states=False):
         positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
         x, cache, hidden = run_blocks(self.layers, self.embed_tokens(tokens), positions, valid, cache, self.norm,
-                                      return_hidden_states)
+                                      return_hidden_states, self.remat)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return model_output(logits, cache, hidden, return_hidden_states)
 
