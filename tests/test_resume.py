@@ -92,7 +92,7 @@ def training_process(out: Path, *, resume: bool = False, kill_at: int = 0) -> su
     path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.Popen([sys.executable, __file__, str(out), str(int(resume)), str(kill_at)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"PYTHONPATH": path, "JAX_PLATFORMS": "cpu"})
+                            env=os.environ | {"PYTHONPATH": path})
 
 
 def finished(process: subprocess.Popen) -> tuple[int, dict[int, float], str]:
