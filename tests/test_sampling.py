@@ -50,9 +50,11 @@ def exact_threshold(row: np.ndarray, p: float) -> float:
 
 
 @pytest.mark.parametrize("V", [7, 300, 5000, 49_152])
-@pytest.mark.parametrize("scale", [0.5, 2.0, 6.0])
-def test_top_p_equals_the_reference_on_random_logits(V, scale):
-    logits = jnp.asarray(np.random.default_rng(V).normal(size=(6, V)) * scale, jnp.float32)
+def test_top_p_equals_the_reference_on_random_logits(V):
+    """Four rows at each of three temperatures in one batch: each row is filtered on its own (and checked alone
+    against the reference), so one compiled filter per (V, p) covers flat, middling and peaked rows."""
+    scales = np.repeat([0.5, 2.0, 6.0], 4)[:, None]
+    logits = jnp.asarray(np.random.default_rng(V).normal(size=(12, V)) * scales, jnp.float32)
     seen = set()
     for p in (1e-6, 0.05, 0.5, 0.9, 0.95, 0.999):
         seen |= set(assert_same_filter(logits, p).tolist())
