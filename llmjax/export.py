@@ -6,7 +6,7 @@
 __all__ = ['HF_CLASSES', 'UNITS', 'architecture_of', 'hf_checkpoint', 'parse_size', 'shards', 'write_json', 'write_safetensors',
            'check_target', 'atomic_folder', 'generation_config', 'export']
 
-# %% ../nbs/15_export.ipynb #d0b549a3
+# %% ../nbs/15_export.ipynb #54ddb97f
 import contextlib
 import json
 import os
@@ -23,7 +23,7 @@ from flax import nnx
 from .checkpoints import checkpoint_tensors
 from .models import ARCHITECTURES, Architecture
 
-# %% ../nbs/15_export.ipynb #4e47c650
+# %% ../nbs/15_export.ipynb #0657a380
 def architecture_of(model) -> Architecture:
     """The registry's entry (chapter 12) for this model's class: its config.json conversion and its key map."""
     for architecture in ARCHITECTURES.values():
@@ -51,7 +51,7 @@ def hf_checkpoint(model) -> tuple[dict, dict[str, np.ndarray]]:
     dtype = np.dtype(next(iter(tensors.values())).dtype).name
     return {"architectures": [HF_CLASSES[hf["model_type"]]], **hf, "dtype": dtype}, tensors
 
-# %% ../nbs/15_export.ipynb #56729891
+# %% ../nbs/15_export.ipynb #8a5c4507
 UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 
@@ -99,7 +99,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], directory: Path, max_shard
         names.append("model.safetensors.index.json")
     return names
 
-# %% ../nbs/15_export.ipynb #2cb6f42a
+# %% ../nbs/15_export.ipynb #4ed9ae22
 def check_target(directory) -> Path:
     """The absolute folder to export into, refused if something is already there (an empty folder is welcome)."""
     directory = Path(directory).expanduser().absolute()
@@ -145,7 +145,7 @@ def atomic_folder(directory):
                 folder.rmdir()
         raise
 
-# %% ../nbs/15_export.ipynb #43256fea
+# %% ../nbs/15_export.ipynb #cf9f385a
 def generation_config(hf: dict, tokenizer) -> dict:
     """generation_config.json: the model's EOS ids (else the tokenizer's), and the tokenizer's BOS and pad ids."""
     def token(name):
