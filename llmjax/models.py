@@ -26,21 +26,23 @@ class Architecture:
     config: type                                     # the config dataclass, with presets
     model: type                                      # the nnx.Module
     config_to_hf: Callable                           # config -> transformers' config.json, as a dict
+    hf_key_map: Callable                             # config -> the KeyMap of its safetensors (chapter 4)
     from_hf_directory: Callable                      # (directory, dtype, param_dtype) -> model
     from_gguf: Callable | None = None                # (GGUFCheckpoint, dtype, param_dtype) -> (model, tokenizer)
 
 
-_gemma = Architecture("gemma", gemma.GemmaConfig, gemma.Gemma, gemma.config_to_hf, gemma.from_hf_directory,
-                      gemma.from_gguf)
+_gemma = Architecture("gemma", gemma.GemmaConfig, gemma.Gemma, gemma.config_to_hf, gemma.hf_key_map,
+                      gemma.from_hf_directory, gemma.from_gguf)
 ARCHITECTURES = {
-    "gpt2": Architecture("gpt2", gpt2.GPT2Config, gpt2.GPT2, gpt2.config_to_hf, gpt2.from_hf_directory),
-    "llama": Architecture("llama", llama.LlamaConfig, llama.Llama, llama.config_to_hf, llama.from_hf_directory,
-                          llama.from_gguf),
+    "gpt2": Architecture("gpt2", gpt2.GPT2Config, gpt2.GPT2, gpt2.config_to_hf, lambda config: gpt2.KEY_MAP,
+                         gpt2.from_hf_directory),
+    "llama": Architecture("llama", llama.LlamaConfig, llama.Llama, llama.config_to_hf, llama.hf_key_map,
+                          llama.from_hf_directory, llama.from_gguf),
     "gemma": _gemma, "gemma2": _gemma, "gemma3": _gemma, "gemma3_text": _gemma,
     "mistral": Architecture("mistral", mistral.MistralConfig, mistral.Mistral, mistral.config_to_hf,
-                            mistral.from_hf_directory),
+                            llama.hf_key_map, mistral.from_hf_directory),
     "mixtral": Architecture("mixtral", mistral.MixtralConfig, mistral.Mixtral, mistral.config_to_hf,
-                            mistral.from_hf_directory),
+                            mistral.hf_key_map, mistral.from_hf_directory),
 }
 
 # %% ../nbs/12_models.ipynb #465a576c
