@@ -37,7 +37,7 @@ run: $(STAMP)
 
 # Everything: repository checks (export, clean notebooks, README), tests/ and every chapter under nbval.
 test: $(STAMP) $(DATA_STAMP)
-	$(BIN)/python -m pytest tests nbs --nbval-lax --nbval-current-env -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest tests nbs --nbval-lax --nbval-current-env -p no:cacheprovider --durations=15 -n 2 --dist loadscope
 
 # The book, every chapter executed, warnings are errors.
 book: $(STAMP) $(DATA_STAMP)

@@ -3,11 +3,15 @@
 llmjax's own function; padding never reaches the gradient; Gemma's zero padding row;
 segment ids (masks, positions, refusals); packed rows equal to each document alone for every architecture; chat
 labels, data files and their refusals; resumable batches; the schedule, the weight-decay mask and clipping;
-micro-batches equal to one batch; a step that compiles once, donates its state and trains only `wrt`."""
+micro-batches equal to one batch; a step that compiles once, donates its state and trains only `wrt`; remat's
+gradients equal the plain run's, and the compiled step's memory falls."""
 import contextlib
 import dataclasses
 import functools
 import json
+import os
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -32,8 +36,8 @@ from llmjax.training import LORA_TARGETS, LoRALinear, _children, add_lora, load_
 from llmjax.training import (IGNORE, Batch, DataState, Document, TrainConfig, best_fit, chat_document,
                              checkpoint_gradients, cross_entropy, decayed, epoch_order, gradients,
                              learning_rate_schedule, load_rows, loss_terms, make_optimizer, model_loss, next_batch,
-                             next_token_targets, pack, read_records, text_document, token_losses, train_state,
-                             train_step)
+                             next_token_targets, pack, read_records, saved_bytes, text_document, token_losses,
+                             train_state, train_step)
 from llmjax.validation import randomize
 
 # name: (transformers model_type, tiny config, key map)
@@ -634,3 +638,66 @@ def test_lora_refuses_bad_settings_in_one_line(tmp_path):
         load_adapters(other, tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_adapters(other, tmp_path / "missing.safetensors")
+
+
+# --- remat -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt2", "gemma3", "mixtral"])
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_keeps_less_and_changes_no_gradient(name, remat):
+    """A recomputed block gives the plain run's loss (Mixtral's balancing loss included) and gradients, to float32
+    rounding, while JAX keeps fewer bytes for the backward pass."""
+    model, _ = random_models(name)
+    batch = padded_batch(model.config.vocab_size)
+    loss, grads = loss_and_gradients(model, batch, balance_weight(name))
+    kept = saved_bytes(model, batch)
+    model.remat = remat
+    try:
+        loss_again, grads_again = loss_and_gradients(model, batch, balance_weight(name))
+        kept_again = saved_bytes(model, batch)
+    finally:
+        model.remat = None
+    assert abs(float(loss_again) / float(loss) - 1) < 1e-6
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_again)):
+        assert float(jnp.abs(a - b).max()) <= GRAD_RTOL * float(jnp.abs(a).max())    # recomputed: rounded anew
+    assert kept_again < kept
+
+
+def test_remat_refuses_an_unknown_policy():
+    model, _ = random_models("llama")
+    model.remat = "everything"
+    try:
+        with pytest.raises(ValueError, match="remat must be None or one of block, dots"):
+            model(np.ones((1, 4), np.int32))
+    finally:
+        model.remat = None
+
+
+REMAT_MEMORY = """
+import dataclasses, jax.numpy as jnp, numpy as np
+from flax import nnx
+from llmjax.llama import Llama, LlamaConfig
+from llmjax.training import Batch, TrainConfig, train_state, train_step
+config = dataclasses.replace(LlamaConfig.tiny(), vocab_size=4096, hidden_size=128, intermediate_size=384,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_hidden_layers=6,
+                             max_position_embeddings=1024)
+tokens = jnp.asarray(np.random.default_rng(0).integers(1, 4096, (2, 512)), jnp.int32)
+batch = Batch(tokens, jnp.ones_like(tokens), tokens)
+for remat in (None, "block"):
+    model = Llama(config, rngs=nnx.Rngs(0))
+    model.remat = remat
+    graphdef, state = train_state(model, TrainConfig())
+    print(train_step.lower(graphdef, state, batch, TrainConfig()).compile().memory_analysis().temp_size_in_bytes)
+"""
+
+
+def test_remat_lowers_the_compiled_steps_memory():
+    """Under XLA:CPU's memory-minimising scheduler (a flag read when JAX starts: a process of its own), recomputing
+    each block lowers the compiled train step's peak temporary memory by a quarter or more at 512 tokens (measured:
+    38%, book/data/remat-cpu.json); the activations it drops are half of what the plain step holds."""
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
+    if jax.default_backend() != "cpu":
+        pytest.skip("the flag is XLA:CPU's")
+    run = subprocess.run([sys.executable, "-c", REMAT_MEMORY], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    plain, recomputed = map(int, run.stdout.split())
+    assert recomputed < 0.75 * plain
