@@ -392,7 +392,8 @@ def finetune_command(args) -> int:
 
 # %% ../nbs/18_cli.ipynb #62d8b01b
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmjax", description="Open LLMs in JAX: list, validate and run models.")
+    p = argparse.ArgumentParser(prog="llmjax", description="Open LLMs in JAX: list, validate, run, export and fine-tune "
+                                                           "models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("generate", help="continue a prompt, streaming the text",
                        description="Continue PROMPT (or standard input) with a model, streaming the text; "
