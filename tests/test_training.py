@@ -614,6 +614,28 @@ def test_lora_trains_the_adapters_alone():
     assert moments <= 2 * sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) + 10
 
 
+def test_lora_over_a_bfloat16_base():
+    """The base stored and run in bfloat16 and frozen (half the memory of float32); the adapters stay float32 —
+    trained, they are updated the way float32 master weights are — and the update is computed in the base's dtype."""
+    model = Llama(LlamaConfig.tiny(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
+    add_lora(model, rank=4)
+    base_kind = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+    assert {w.dtype for w in jax.tree.leaves(nnx.state(model, base_kind))} == {jnp.dtype(jnp.bfloat16)}
+    assert {w.dtype for w in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))} == {jnp.dtype(jnp.float32)}
+    frozen = jax.tree.map(np.asarray, nnx.state(model, base_kind))
+    config = TrainConfig(learning_rate=1e-2, warmup_steps=0, total_steps=8)
+    graphdef, state = train_state(model, config, wrt=nnx.LoRAParam)
+    batch, losses = uneven_batch(211), []
+    for _ in range(8):
+        state, metrics = train_step(graphdef, state, batch, config)
+        losses.append(float(metrics["loss"]))
+    model, _ = nnx.merge(graphdef, state)
+    for was, now in zip(jax.tree.leaves(frozen), jax.tree.leaves(nnx.state(model, base_kind))):
+        np.testing.assert_array_equal(was, now)
+    assert losses[-1] < losses[0] - 0.1
+    assert model(np.ones((1, 4), np.int32)).dtype == jnp.float32          # logits in float32, as always
+
+
 def test_lora_refuses_bad_settings_in_one_line(tmp_path):
     model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
     for rank in (0, -1, 2.0, True):
