@@ -97,12 +97,12 @@ def models_table() -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 # %% ../nbs/18_cli.ipynb #c9dcd765
-INFO_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers", "gguf", "numpy",
-                 "torch")
+INFO_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers",
+                 "gguf", "numpy", "torch")
 
 
 def info_text() -> str:
-    """What llmjax runs on: its version, the libraries under it, JAX's backend and devices, as aligned lines."""
+    """What llmjax runs on: its version, the libraries under it, JAX's backend and devices."""
     import platform
     from collections import Counter
     from importlib.metadata import PackageNotFoundError, version
@@ -115,18 +115,21 @@ def info_text() -> str:
         except PackageNotFoundError:
             return "not installed"
 
-    rows = [("llmjax", __version__), ("python", f"{platform.python_version()} ({platform.system()} {platform.machine()})")]
+    system = f"{platform.python_version()} ({platform.system()} {platform.machine()})"
+    rows = [("llmjax", __version__), ("python", system)]
     rows += [(name, installed(name)) for name in INFO_PACKAGES]
     if rows[-1][1] == "not installed":
-        rows[-1] = ("torch", 'not installed (llmjax validate and bench need it: pip install "llmjax[reference]")')
-    devices = jax.devices()
-    kinds = Counter(d.platform if d.device_kind.lower() == d.platform else d.device_kind for d in devices)
-    rows += [("backend", jax.default_backend()), ("devices", ", ".join(f"{n} × {kind}" for kind, n in kinds.items()))]
+        rows[-1] = ("torch", "not installed (llmjax validate and bench need it: "
+                             'pip install "llmjax[reference]")')
+    devices = Counter(d.platform if d.device_kind.lower() == d.platform else d.device_kind
+                      for d in jax.devices())
+    rows += [("backend", jax.default_backend()),
+             ("devices", ", ".join(f"{n} × {kind}" for kind, n in devices.items()))]
     if jax.process_count() > 1:
         rows.append(("processes", f"{jax.process_index()} of {jax.process_count()}"))
     if jax.default_backend() == "cpu":
-        rows.append(("accelerators", 'none that JAX sees; for an NVIDIA GPU pip install "llmjax[cuda12]", for a TPU '
-                                     '"llmjax[tpu]"'))
+        rows.append(("accelerators", 'none that JAX sees; for an NVIDIA GPU pip install '
+                                     '"llmjax[cuda12]", for a TPU "llmjax[tpu]"'))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 

