@@ -617,13 +617,18 @@ def gguf_tokenizer_backend(checkpoint: GGUFCheckpoint):
 # %% ../nbs/04_checkpoints.ipynb #21113021
 def gguf_tokenizer(checkpoint: GGUFCheckpoint):
     """The tokenizer embedded in a GGUF file, as a transformers tokenizer, without importing PyTorch; kept in the
-    checkpoint's cache folder if it has one (`cached_gguf_tokenizer`)."""
-    if checkpoint.cache is not None:
-        return cached_gguf_tokenizer(checkpoint)
+    checkpoint's cache folder if it has one (`cached_gguf_tokenizer`). It carries the file's `tokenizer.*`
+    metadata as `gguf_metadata`, which an export to GGUF (chapter 15) writes back unchanged."""
     from transformers import PreTrainedTokenizerFast
 
-    backend, settings = gguf_tokenizer_backend(checkpoint)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
+    if checkpoint.cache is not None:
+        tokenizer = cached_gguf_tokenizer(checkpoint)
+    else:
+        backend, settings = gguf_tokenizer_backend(checkpoint)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
+    tokenizer.gguf_metadata = {key: checkpoint.metadata(key) for key in checkpoint.metadata_keys()
+                               if key.startswith("tokenizer.")}
+    return tokenizer
 
 # %% ../nbs/04_checkpoints.ipynb #f647a471
 @dataclasses.dataclass(frozen=True)

@@ -205,8 +205,16 @@ def bench_command(args) -> int:
 
 # %% ../nbs/18_cli.ipynb #39eb33b2
 def export_command(args) -> int:
-    from llmjax.export import check_target, export, parse_size
+    from llmjax.export import check_file_target, check_target, export, export_gguf, parse_size
 
+    if args.format == "gguf":
+        out = check_file_target(args.out)   # before the model loads: mistakes cost no time
+        model, tokenizer = load(args.model, dtype=args.dtype)
+        export_gguf(model, tokenizer, out, dtype=args.gguf_type or "f32")
+        print(f"wrote {out}: {out.stat().st_size / 1e6:,.1f} MB, {(args.gguf_type or 'f32').upper()}")
+        return 0
+    if args.gguf_type is not None:
+        raise ValueError("--gguf-type is for --format gguf; a Hugging Face folder takes --dtype")
     out = check_target(args.out)   # before the model loads: mistakes cost no time
     limit = parse_size(args.max_shard_size)
     model, tokenizer = load(args.model, dtype=args.dtype)
@@ -483,11 +491,16 @@ def parser() -> argparse.ArgumentParser:
                                    "safetensors and the tokenizer. The folder appears whole or not at all; one that "
                                    "exists and is not empty is refused.")
     e.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name, model directory or .gguf file (default: {DEFAULT_MODEL})")
-    e.add_argument("--out", required=True, metavar="DIR", help="the folder to write; it must not exist (or be empty)")
+    e.add_argument("--out", required=True, metavar="DIR", help="the folder to write (with --format gguf: the file); it "
+                                                               "must not exist (a folder may be empty)")
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the dtype of the written weights (default: float32)")
     e.add_argument("--max-shard-size", default="50GB", metavar="SIZE",
                    help="cut the weights into shards of at most SIZE, e.g. 5GB or 500MB (default: 50GB)")
+    e.add_argument("--format", default="hf", choices=("hf", "gguf"), help="a Hugging Face folder, or one GGUF file "
+                                                                           "for llama.cpp (default: hf)")
+    e.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), help="with --format gguf: how the matrices are "
+                                                                       "stored (default: f32)")
     _finetune_parser(sub)
     return p
 
