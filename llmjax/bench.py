@@ -235,16 +235,23 @@ def plot(results: dict, ax=None):
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    ax = ax or plt.subplots(figsize=(7, 3.2))[1]
+    ax = ax or plt.subplots(figsize=(7, 3.4))[1]
     x = np.arange(len(rows))
     ours = [r["decode_tok_s"] for r in rows]
     theirs = [r.get("hf_decode_tok_s", 0) for r in rows]
-    ax.bar(x - 0.2, ours, 0.4, label="llmjax (compiled loop)")
-    ax.bar(x + 0.2, theirs, 0.4, label="transformers (eager)")
+    paired = any(theirs)
+    ax.bar(x - 0.2 * paired, ours, 0.4, label="llmjax (compiled loop)")
+    if paired:
+        ax.bar(x + 0.2, theirs, 0.4, label="transformers (eager)")
     for i, r in enumerate(rows):
         if "speedup" in r:
             ax.annotate(f"{r['speedup']:.1f}×", (i, max(ours[i], theirs[i])), ha="center", va="bottom")
-    ax.set_xticks(x, [f"{r['model'].removeprefix('random:')}\nbatch {r['batch']}" for r in rows], fontsize=8)
+    ax.set_xticks(x, [f"batch {r['batch']}" for r in rows], fontsize=8)
+    models = [r["model"].removeprefix("random:") for r in rows]
+    for model in dict.fromkeys(models):   # each model's name once, under its group of batches
+        at = np.mean([i for i, m in enumerate(models) if m == model])
+        ax.annotate(model, (at, 0), xycoords=("data", "axes fraction"), xytext=(0, -20),
+                    textcoords="offset points", ha="center", va="top", fontsize=8)
     ax.set_ylabel("decode tokens / s")
     ax.set_ylim(0, max(ours + theirs) * 1.2)
     ax.legend(loc="upper left", fontsize=8)
