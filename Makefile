@@ -59,12 +59,14 @@ browser:
 	  sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium
 
-# The book, every chapter executed, warnings are errors; then its links, anchors, images and table of contents, offline;
+# The book, every chapter executed, warnings are errors; no page showing a traceback and no execution reports shipped;
+# then its links, anchors, images and table of contents, offline;
 # then each page opened in headless Chromium, checked (title, outputs, figures, tables, typeset math, no JavaScript
 # errors) and screenshotted outside the repository ($(SCREENSHOTS)).
 SCREENSHOTS ?= $(or $(TMPDIR),/tmp)/llmjax-book-screenshots
 book: $(STAMP) $(DATA_STAMP) $(MATHJAX_STAMP) browser
 	$(BIN)/jupyter-book build . --config book/_config.yml --toc _toc.yml --warningiserror --nitpick --keep-going
+	$(BIN)/python book/check_pages.py _build/html
 	$(BIN)/python book/check_links.py _build/html --toc _toc.yml
 	$(BIN)/python book/check_browser.py _build/html --toc _toc.yml --screenshots $(SCREENSHOTS)
 	@echo "open _build/html/index.html"
