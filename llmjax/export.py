@@ -121,14 +121,19 @@ def check_target(directory) -> Path:
     return directory
 
 
+def _sync_file(path: Path):
+    """Flush one file (or a folder's list of names) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _sync(folder: Path):
     """Flush every file in `folder` to the disk, then the folder's own list of names."""
     for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _sync_file(path)
 
 
 @contextlib.contextmanager
@@ -148,7 +153,7 @@ def atomic_folder(directory):
         except OSError:
             raise ValueError(f"{directory} was filled by something else during the export; export into a new "
                              f"folder") from None
-        _sync(directory.parent)
+        _sync_file(directory.parent)       # the rename: the parent's list of names, not its files
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         for folder in made:
@@ -361,14 +366,6 @@ def atomic_file(path):
             for folder in made:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-
-
-def _sync_file(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple]):
