@@ -178,13 +178,13 @@ def decoder_column(ax, x, bottom, arch: dict):
 
 
 def decoder_comparison(out: Path):
-    """GPT-2, LLaMA and Gemma 2/3 side by side, each change from the column before in magenta."""
+    """GPT-2, LLaMA and Gemma 2 side by side, each change from the column before in magenta."""
     fig, ax = canvas(8, 6.35)
     for i, name in enumerate(("gpt2", "llama", "gemma")):
         arch = ARCHITECTURES[name]
         x = 1.42 + 2.62 * i
         decoder_column(ax, x, 0.72, arch)
-        title = "Gemma 2 and 3" if name == "gemma" else arch["title"]
+        title = "Gemma 2" if name == "gemma" else arch["title"]   # Gemma 1 has no post-norms, 3 no soft-caps
         label(ax, x, 6.12, title, size=11, weight="bold")
     label(ax, 4, 0.12, "magenta: changed from the column to the left (LLaMA and Gemma also drop every bias)  ·  "
           "each of the L blocks: norm, attention, add; norm, MLP, add", color=MUTED)
