@@ -186,8 +186,8 @@ def decoder_comparison(out: Path):
         decoder_column(ax, x, 0.72, arch)
         title = "Gemma 2" if name == "gemma" else arch["title"]   # Gemma 1 has no post-norms, 3 no soft-caps
         label(ax, x, 6.12, title, size=11, weight="bold")
-    label(ax, 4, 0.12, "magenta: changed from the column to the left (LLaMA and Gemma also drop every bias)  ·  "
-          "each of the L blocks: norm, attention, add; norm, MLP, add", color=MUTED)
+    label(ax, 4, 0.12, "magenta: changed from the column to the left; LLaMA and Gemma also drop every bias",
+          color=MUTED)
     save(fig, out, "decoder")
 
 
@@ -294,13 +294,13 @@ def kv_cache(out: Path):
     """Prefill writes the prompt's keys and values in one call; each decode step appends one token's."""
     words = ["The", "cat", "sat", "on", "the", "mat", ".", "It"]
     S, prompt, w, x0 = 8, 5, 0.6, 1.55
-    fig, ax = canvas(8, 3.45)
-    label(ax, x0, 3.25, "one layer's KV cache: S = 8 slots, keys and values [B, K, S, d]", ha="left", size=9)
+    fig, ax = canvas(8, 3.55)
+    label(ax, x0, 3.35, "one layer's KV cache: S = 8 slots, keys and values [B, K, S, d]", ha="left", size=9)
     for j in range(S):
-        label(ax, x0 + j * (w + 0.04) + w / 2, 2.98, f"slot {j}", size=7, color=MUTED)
-    label(ax, x0 + S * (w + 0.04) + 0.45, 2.98, "next token", size=7.5, color=MUTED)
+        label(ax, x0 + j * (w + 0.04) + w / 2, 3.08, f"slot {j}", size=7, color=MUTED)
+    label(ax, x0 + S * (w + 0.04) + 0.45, 3.08, "next token", size=7.5, color=MUTED)
     for r in range(4):
-        y, filled = 2.65 - 0.72 * r, prompt + r
+        y, filled = 2.75 - 0.72 * r, prompt + r
         new = range(prompt) if r == 0 else [filled - 1]
         kinds = ["new" if j in new else "cache" if j < filled else "empty" for j in range(S)]
         cell_row(ax, x0, y, [words[j] if j < filled else "" for j in range(S)], kinds, w)
