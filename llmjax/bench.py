@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['COLUMNS', 'SAMPLED_COLUMNS', 'read_bandwidth', 'weight_bytes_per_token', 'cache_bytes', 'time_llmjax',
-           'time_transformers', 'bench_case', 'load_pair', 'machine', 'run', 'settings', 'table_row', 'table', 'plot']
+           'time_transformers', 'bench_case', 'load_pair', 'machine', 'run', 'settings', 'table_row', 'table', 'plot',
+           'plot_roofline']
 
 # %% ../nbs/13_bench.ipynb #a4b8f910
 import dataclasses
@@ -254,7 +255,44 @@ def plot(results: dict, ax=None):
                     textcoords="offset points", ha="center", va="top", fontsize=8)
     ax.set_ylabel("decode tokens / s")
     ax.set_ylim(0, max(ours + theirs) * 1.2)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_title(f"{settings(results.get('sampling', {})).capitalize()} decoding, {results['dtype']}, "
                  f"{results['machine'].get('cpu', '')}", fontsize=9)
+    return ax
+
+# %% ../nbs/13_bench.ipynb #39531c32
+def plot_roofline(results: dict, ax=None):
+    """Time per token against bytes read per token (log-log), per case and library, above the
+    line of the read bandwidth: a point's height over the line is 1 / its roofline fraction."""
+    import matplotlib.pyplot as plt
+
+    rows, bandwidth = results["rows"], results["bandwidth_bytes_s"]
+    ax = ax or plt.subplots(figsize=(7, 4))[1]
+    read = np.array([r["bytes_per_step"] / r["batch"] for r in rows])     # bytes per token
+    span = np.geomspace(read.min() / 2, read.max() * 2)
+    limit_ms = span / bandwidth * 1e3
+    ax.loglog(span / 1e6, limit_ms, color="gray",
+              label=f"the limit: bytes ÷ {bandwidth / 1e9:.1f} GB/s")
+    ax.fill_between(span / 1e6, 0, limit_ms, color="gray", alpha=0.15)
+    ax.text(span[12] / 1e6, limit_ms[12] / 4, "faster than memory:\nout of reach", ha="center",
+            fontsize=8, color="dimgray")
+    batch = np.array([r["batch"] for r in rows])
+    step = {"llmjax": [r["bytes_per_step"] / bandwidth / r["roofline"] for r in rows],
+            "transformers": [r.get("hf_step_s", np.nan) for r in rows]}
+    seconds = {library: np.array(s) / batch for library, s in step.items()}      # per token
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for library, marker in (("llmjax", "o"), ("transformers", "s")):
+        for i, model in enumerate(models):
+            at = [j for j, r in enumerate(rows) if r["model"] == model]
+            ax.plot(read[at] / 1e6, seconds[library][at] * 1e3, marker, color=f"C{i}",
+                    mfc=f"C{i}" if library == "llmjax" else "white",
+                    label=f"{library}, {model.split(':')[-1]}")
+    for size in dict.fromkeys(batch):
+        at = batch == size
+        top = max(np.nanmax(s[at]) for s in seconds.values())
+        ax.annotate(f"batch {size}", (np.exp(np.log(read[at]).mean()) / 1e6, top * 1.5e3),
+                    ha="center", fontsize=8)
+    ax.set(xlabel="bytes read per token (MB)", ylabel="time per token (ms)")
+    ax.set_ylim(limit_ms.min() / 10, np.nanmax(list(seconds.values())) * 3e3)
+    ax.legend(loc="lower right", fontsize=8)
     return ax
