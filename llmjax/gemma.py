@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['SLIDING', 'FULL', 'PROJECTIONS', 'GGUF_PROJECTIONS', 'minus_one', 'HF_GENERATIONS', 'GGUF_GENERATIONS', 'SHAPE',
-           'LOCAL_FEATURES', 'GEMMA3_270M', 'interleaved', 'GemmaConfig', 'embedding_scale', 'GemmaBlock', 'Gemma',
-           'hf_key_map', 'gguf_key_map', 'config_from_hf', 'hf_model_type', 'config_to_hf', 'config_from_gguf',
-           'from_hf_directory', 'from_gguf']
+           'LOCAL_FEATURES', 'GEMMA3_270M', 'GemmaFamilyConfig', 'embedding_scale', 'interleaved', 'GemmaBlock',
+           'Gemma', 'GemmaConfig', 'hf_key_map', 'gguf_key_map', 'config_from_hf', 'hf_model_type', 'config_to_hf',
+           'config_from_gguf', 'from_hf_directory', 'from_gguf']
 
 # %% ../nbs/09_gemma.ipynb #b6a63ae5
 import dataclasses
@@ -26,13 +26,8 @@ from .layers import Embedding, GatedMLP, RMSNorm
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
-def interleaved(num_layers: int, period: int) -> tuple[str, ...]:
-    """period - 1 local layers, then one global layer, repeated: Gemma 2 has period 2, Gemma 3 period 6."""
-    return tuple(FULL if (i + 1) % period == 0 else SLIDING for i in range(num_layers))
-
-
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
+class GemmaFamilyConfig:
     vocab_size: int = 256000
     hidden_size: int = 3072                 # D
     intermediate_size: int = 24576          # F
@@ -49,7 +44,7 @@ class GemmaConfig:
     sandwich_norms: bool = False            # a norm after attention and after the MLP too (Gemma 2, 3)
     attn_logit_softcapping: float | None = None    # cap on attention logits (Gemma 2)
     final_logit_softcapping: float | None = None   # cap on output logits (Gemma 2)
-    query_pre_attn_scalar: float | None = None     # attention scale = this ** -0.5; None: head_dim (Gemma 1)
+    query_pre_attn_scalar: float | None = None     # attention scale: this ** -0.5; None: d
     layer_types: tuple[str, ...] = ()       # per layer SLIDING or FULL; () = all FULL (Gemma 1)
     sliding_window: int | None = None       # the local layers' window W
     rope_local: RoPE | None = None          # the local layers' RoPE (Gemma 3); None: `rope`
@@ -70,7 +65,76 @@ class GemmaConfig:
     def context_length(self) -> int:
         return self.max_position_embeddings
 
-    # --- presets ---
+# %% ../nbs/09_gemma.ipynb #729617e5
+def embedding_scale(hidden_size: int, dtype) -> jnp.ndarray:
+    """sqrt(D) as transformers' Gemma computes it: a float32 scalar, then cast to the model's dtype."""
+    return jnp.asarray(np.float32(math.sqrt(hidden_size))).astype(dtype)
+
+# %% ../nbs/09_gemma.ipynb #8953656b
+def interleaved(num_layers: int, period: int) -> tuple[str, ...]:
+    """period - 1 local layers, then one global layer, repeated: Gemma 2 has period 2, Gemma 3 period 6."""
+    return tuple(FULL if (i + 1) % period == 0 else SLIDING for i in range(num_layers))
+
+# %% ../nbs/09_gemma.ipynb #f1ffa1a9
+class GemmaBlock(nnx.Module):
+    def __init__(self, config: GemmaFamilyConfig, layer: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        D, dtypes = config.hidden_size, dict(dtype=dtype, param_dtype=param_dtype)
+        local = config.layer_type(layer) == SLIDING
+        norm = lambda width=D: RMSNorm(width, eps=config.rms_norm_eps, offset=1.0, **dtypes)
+        self.input_layernorm = norm()
+        self.self_attn = Attention(
+            features=D, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim, rope=config.rope_local if local and config.rope_local else config.rope,
+            window=config.sliding_window if local else None,
+            scale=(config.query_pre_attn_scalar or config.head_dim) ** -0.5,
+            logit_cap=config.attn_logit_softcapping, qk_norm=norm if config.qk_norm else None,
+            **dtypes, rngs=rngs)
+        # without sandwich norms: before the MLP (LLaMA's); with them: after attention
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm() if config.sandwich_norms else None
+        self.post_feedforward_layernorm = norm() if config.sandwich_norms else None
+        self.mlp = GatedMLP(D, config.intermediate_size, activation=config.hidden_activation,
+                            **dtypes, rngs=rngs)
+
+    def __call__(self, x, positions, valid, cache, layer):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, valid, cache, layer)
+        if self.pre_feedforward_layernorm is None:                     # pre-norm only: LLaMA's block
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x = x + self.post_attention_layernorm(h)                       # sandwich norms
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
+
+# %% ../nbs/09_gemma.ipynb #02e2615f
+class Gemma(nnx.Module):
+    """Gemma 1, 2 or 3 — its features set by the config: sqrt(D)-scaled tied embedding,
+    1 + w RMSNorms, GeGLU, attention configured per layer."""
+
+    def __init__(self, config: GemmaFamilyConfig, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **dtypes, rngs=rngs)
+        self.layers = nnx.List([GemmaBlock(config, i, **dtypes, rngs=rngs)
+                                for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=1.0, **dtypes)
+        self.remat = None   # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
+
+    def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None,
+                 return_hidden_states=False):
+        positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
+        x = self.embed_tokens(tokens)
+        x = x * embedding_scale(self.config.hidden_size, x.dtype)
+        x, cache, hidden = run_blocks(self.layers, x, positions, valid, cache, self.norm, return_hidden_states,
+                                      self.remat)
+        logits = softcap(self.embed_tokens.attend(x).astype(jnp.float32), self.config.final_logit_softcapping)
+        return model_output(logits, cache, hidden, return_hidden_states)
+
+# %% ../nbs/09_gemma.ipynb #77b57053
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig(GemmaFamilyConfig):
+    """Gemma 1, 2 and 3: the family's fields and the published models' presets."""
+
     @classmethod
     def gemma_2b(cls):
         return cls(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
@@ -143,60 +207,6 @@ class GemmaConfig:
         return cls(**common | dict(num_hidden_layers=7, num_key_value_heads=3, sandwich_norms=True,
                                    query_pre_attn_scalar=12, layer_types=interleaved(7, 6), sliding_window=8,
                                    rope=RoPE(1e6, "linear", factor=8.0), rope_local=RoPE(1e4), qk_norm=True))
-
-# %% ../nbs/09_gemma.ipynb #729617e5
-def embedding_scale(hidden_size: int, dtype) -> jnp.ndarray:
-    """sqrt(D) as transformers' Gemma computes it: a float32 scalar, then cast to the model's dtype."""
-    return jnp.asarray(np.float32(math.sqrt(hidden_size))).astype(dtype)
-
-# %% ../nbs/09_gemma.ipynb #f1ffa1a9
-class GemmaBlock(nnx.Module):
-    def __init__(self, config: GemmaConfig, layer: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        D, dtypes = config.hidden_size, dict(dtype=dtype, param_dtype=param_dtype)
-        local = config.layer_type(layer) == SLIDING
-        norm = lambda width=D: RMSNorm(width, eps=config.rms_norm_eps, offset=1.0, **dtypes)
-        self.input_layernorm = norm()
-        self.self_attn = Attention(
-            features=D, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, rope=config.rope_local if local and config.rope_local else config.rope,
-            window=config.sliding_window if local else None,
-            scale=(config.query_pre_attn_scalar or config.head_dim) ** -0.5, logit_cap=config.attn_logit_softcapping,
-            qk_norm=norm if config.qk_norm else None, **dtypes, rngs=rngs)
-        self.post_attention_layernorm = norm()   # without sandwich norms: before the MLP (LLaMA's); with: after attention
-        self.pre_feedforward_layernorm = norm() if config.sandwich_norms else None
-        self.post_feedforward_layernorm = norm() if config.sandwich_norms else None
-        self.mlp = GatedMLP(D, config.intermediate_size, activation=config.hidden_activation, **dtypes, rngs=rngs)
-
-    def __call__(self, x, positions, valid, cache, layer):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, valid, cache, layer)
-        if self.pre_feedforward_layernorm is None:                     # pre-norm only: LLaMA's block
-            x = x + h
-            return x + self.mlp(self.post_attention_layernorm(x)), cache
-        x = x + self.post_attention_layernorm(h)                       # sandwich norms
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
-
-
-class Gemma(nnx.Module):
-    """Gemma 1, 2 or 3 — its features set by the config: sqrt(D)-scaled tied embedding, 1 + w RMSNorms, GeGLU,
-    attention configured per layer."""
-
-    def __init__(self, config: GemmaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.config = config
-        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **dtypes, rngs=rngs)
-        self.layers = nnx.List([GemmaBlock(config, i, **dtypes, rngs=rngs) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=1.0, **dtypes)
-        self.remat = None   # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
-
-    def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None, return_hidden_states=False):
-        positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
-        x = self.embed_tokens(tokens)
-        x = x * embedding_scale(self.config.hidden_size, x.dtype)
-        x, cache, hidden = run_blocks(self.layers, x, positions, valid, cache, self.norm, return_hidden_states,
-                                      self.remat)
-        logits = softcap(self.embed_tokens.attend(x).astype(jnp.float32), self.config.final_logit_softcapping)
-        return model_output(logits, cache, hidden, return_hidden_states)
 
 # %% ../nbs/09_gemma.ipynb #2e9a5f75
 def _norm_names(config: GemmaConfig) -> dict[str, str]:
@@ -278,7 +288,7 @@ def config_from_hf(hf: dict) -> GemmaConfig:
     return GemmaConfig(**{k: hf[k] for k in SHAPE if k in hf}, hidden_activation=act, rope=rope_from_hf(rope),
                        eos_token_ids=hf_eos_ids(hf, (1,)), **features)
 
-
+# %% ../nbs/09_gemma.ipynb #c724df5f
 def hf_model_type(config: GemmaConfig) -> str:
     """The transformers class that has exactly this config's features; an error if none has."""
     if config.qk_norm and config.sandwich_norms:
@@ -308,7 +318,7 @@ def config_to_hf(config: GemmaConfig) -> dict:
         hf["rope_parameters"] = {FULL: rope_to_hf(config.rope), SLIDING: rope_to_hf(config.rope_local or config.rope)}
     return hf
 
-
+# %% ../nbs/09_gemma.ipynb #6d1402c7
 def config_from_gguf(checkpoint: GGUFCheckpoint) -> GemmaConfig:
     """A llama.cpp GGUF's `gemma.*`, `gemma2.*` or `gemma3.*` metadata as a GemmaConfig."""
     arch = checkpoint.architecture
@@ -335,7 +345,7 @@ def config_from_gguf(checkpoint: GGUFCheckpoint) -> GemmaConfig:
         features["rope_local"] = RoPE(float(meta("rope.freq_base_swa", 10000.0)))
     return GemmaConfig(**hp, rope=rope, **features)
 
-
+# %% ../nbs/09_gemma.ipynb #bf8f21ec
 def from_hf_directory(directory, dtype="float32", param_dtype=None) -> Gemma:
     return load_hf_directory(Gemma, config_from_hf, hf_key_map, directory, dtype, param_dtype)
 

@@ -44,7 +44,7 @@ class MistralConfig(LlamaFamilyConfig):
                    num_key_value_heads=2, head_dim=10, max_position_embeddings=128, rope=RoPE(500.0),
                    sliding_window=sliding_window, eos_token_ids=())
 
-
+# %% ../nbs/11_mistral.ipynb #38c5b749
 @dataclasses.dataclass(frozen=True)
 class MixtralConfig(LlamaFamilyConfig):
     """The LLaMA family's fields with Mixtral 8x7B's values as defaults, and its experts."""
@@ -126,6 +126,8 @@ class Mixtral(Llama):
 # %% ../nbs/11_mistral.ipynb #dc34748d
 # a stack of PyTorch weights [E, out, in] <-> kernels [E, in, out]
 stacked_kernels = Transform(lambda w: w.transpose(0, 2, 1), lambda kernels: kernels.transpose(0, 2, 1))
+
+
 def split_gate_up(w):
     """gate_up_proj [E, 2F, D] (gate rows, then up rows) -> the kernels gate_proj, up_proj [E, D, F]."""
     kernels = w.transpose(0, 2, 1)

@@ -61,6 +61,7 @@ def experts_grouped(x, gate_proj, up_proj, down_proj, weights, experts, act=jax.
     return _combine(jax.lax.ragged_dot(h, down_proj, sizes), order, weights, N).astype(x.dtype)
 
 
+# %% ../nbs/10_moe.ipynb #9f79f3a1
 def block_size(assignments: int, num_experts: int, largest: int = 128) -> int:
     """Rows per block: the power of two at or above the mean group size, at most `largest` (1 when decoding)."""
     mean = -(-assignments // num_experts)
@@ -138,7 +139,7 @@ class SparseMoE(nnx.Module):
         y = DISPATCH[self.dispatch](flat(x), *self.experts.stacks(), flat(weights), flat(experts), self.act)
         return y.reshape(x.shape)
 
-
+# %% ../nbs/10_moe.ipynb #98a013da
 def with_router_logits(model: nnx.Module, *args, **kwargs):
     """Call `model(*args, **kwargs)` -> (its output, every SparseMoE layer's router logits [B, T, E], in order)."""
     output, recorded = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)

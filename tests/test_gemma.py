@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,8 @@ import llmjax
 from llmjax.attention import RoPE
 from llmjax.checkpoints import CheckpointError
 from llmjax.checkpoints import PackagedFile, join_parts
-from llmjax.gemma import (FULL, SLIDING, GemmaConfig, config_from_hf, config_to_hf, from_hf_directory, hf_model_type,
-                          interleaved)
+from llmjax.gemma import (FULL, SLIDING, GemmaConfig, config_from_hf, config_to_hf, embedding_scale,
+                          from_hf_directory, hf_model_type, interleaved)
 from llmjax.generation import generate_ids
 from llmjax.models import REGISTRY
 from llmjax.validation import randomize, validate
@@ -204,6 +205,14 @@ def test_gguf_written_like_llama_cpp(tmp_path, generation):
     ids = np.random.default_rng(1).integers(LOW, cfg.vocab_size, (2, 30))
     report = validate(model, reference, ids, steps=16)
     assert report.passed(atol=1e-4), report
+
+
+@pytest.mark.parametrize("hidden_size", [640, 1152, 2048, 2304, 2560, 3072, 3584, 4608])
+def test_embedding_scale_is_rounded_as_transformers_rounds_it(hidden_size):
+    """sqrt(D) computed in float32, then cast to the model's dtype: the same number transformers multiplies by."""
+    for ours, theirs in ((jnp.float32, torch.float32), (jnp.bfloat16, torch.bfloat16),
+                         (jnp.float16, torch.float16)):
+        assert float(embedding_scale(hidden_size, ours)) == float(torch.tensor(hidden_size**0.5).to(theirs))
 
 
 def test_bad_input(tmp_path):
