@@ -10,7 +10,7 @@ __all__ = ['DTYPES', 'FIELD_KINDS', 'SAFETENSORS_DTYPES', 'MAX_HEADER', 'GGUF_SC
            'GGUFTensor', 'read_gguf_header', 'dequantize', 'GGUFCheckpoint', 'gguf_tokenizer_backend', 'gguf_tokenizer',
            'Transform', 'Rule', 'KeyMap', 'plan_loading', 'load_weights', 'load_model', 'checkpoint_tensors',
            'rope_from_hf', 'rope_to_hf', 'hf_rope', 'hf_eos_ids', 'hf_fields', 'check_hf_config',
-           'gguf_hyperparameters', 'hf_config', 'load_hf_directory', 'load_gguf', 'anonymous_memory',
+           'gguf_hyperparameters', 'load_hf_directory', 'load_gguf', 'hf_config', 'anonymous_memory',
            'peak_memory_growth', 'save_model', 'restore_model', 'cache_dir', 'package_file', 'recorded', 'verified',
            'join_parts', 'PackagedFile', 'cached_gguf_tokenizer']
 
@@ -102,7 +102,7 @@ FIELD_KINDS = {   # kind: (test, what a value of that kind must be)
                 "a period ≥ 1 or a list of true/false, one per layer"),
 }
 
-
+# %% ../nbs/04_checkpoints.ipynb #cd5e385a
 def check_fields(values: dict, kinds: dict[str, str], source, prefix: str = ""):
     """Refuse the first entry of `values` named in `kinds` that isn't of its kind ("size", or "size?" to allow null)."""
     for key, kind in kinds.items():
@@ -228,7 +228,7 @@ class Checkpoint(Protocol):
 
     def read(self, name: str) -> np.ndarray: ...
 
-
+# %% ../nbs/04_checkpoints.ipynb #c9908ea6
 class SafetensorsCheckpoint:
     """The safetensors files of a Hugging Face model directory, single or sharded, as one Checkpoint."""
 
@@ -428,7 +428,7 @@ GGML_BLOCKS = {   # ggml type: (weights per block, the block's fields)
     "Q6_K": (256, [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")]),
 }
 
-
+# %% ../nbs/04_checkpoints.ipynb #7c3fc2b8
 def _host_buffer(shape: tuple, dtype) -> np.ndarray:
     """An empty C-ordered array whose data starts on a 64-byte boundary, which XLA's CPU client adopts uncopied."""
     size = math.prod(shape) * np.dtype(dtype).itemsize
@@ -481,7 +481,7 @@ def _k_affine(b, q):   # q [n, 8, 32] -> (d·s_j)·q - dmin·m_j
     q -= (_f32(b["dmin"])[:, None] * _f32(m))[..., None]
     return q
 
-
+# %% ../nbs/04_checkpoints.ipynb #d3d96658
 def _q2_k(b):   # 16 sub-blocks, each with a 4-bit scale and a 4-bit min
     q = _fields(b["qs"].reshape(-1, 2, 32), 2, 4).reshape(-1, 16, 16)
     q = _scaled(q, _f32(b["d"])[:, None] * _f32(b["scales"] & 15))
@@ -654,7 +654,7 @@ class Rule:
     targets: tuple[str, ...]
     transform: Transform | None = None   # None: the tensor is the parameter
 
-
+# %% ../nbs/04_checkpoints.ipynb #81664429
 @dataclasses.dataclass(frozen=True)
 class KeyMap:
     """An architecture's checkpoint table: rules, and tensors to ignore (patterns; "{i}" = layer)."""
@@ -689,7 +689,7 @@ def _path(template: str, groups: dict) -> tuple:
 def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
-
+# %% ../nbs/04_checkpoints.ipynb #d147e644
 def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: KeyMap):
     """Check the key map against the checkpoint and the model, reading nothing.
 
@@ -824,7 +824,7 @@ def rope_to_hf(rope: RoPE) -> dict:
                    "original_max_position_embeddings": rope.original_max_position}
     return params
 
-
+# %% ../nbs/04_checkpoints.ipynb #1c412ea7
 def hf_rope(hf: dict, default_theta: float = 10_000.0) -> dict:
     """A config.json's RoPE settings as one `rope_parameters` dict, from transformers 5's key or the older pair."""
     return hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
@@ -922,6 +922,22 @@ def gguf_hyperparameters(checkpoint) -> dict:
                 eos_token_ids=() if eos is None else (eos,))
 
 # %% ../nbs/04_checkpoints.ipynb #b9ca20e5
+def load_hf_directory(model_cls, config_from_hf, hf_key_map, directory, dtype="float32", param_dtype=None):
+    """A model from a Hugging Face directory: its config.json through `config_from_hf`, its safetensors through
+    `hf_key_map(config)` — what an architecture's `from_hf_directory` does."""
+    config = _read_config(config_from_hf, hf_config(directory), Path(directory) / "config.json")
+    checkpoint = SafetensorsCheckpoint.from_directory(directory)
+    return load_model(model_cls, config, checkpoint, hf_key_map(config), dtype, param_dtype)
+
+
+def load_gguf(model_cls, config_from_gguf, gguf_key_map, checkpoint, dtype="float32", param_dtype=None):
+    """(model, tokenizer) from a GGUF: config from its metadata, the tokenizer it embeds, weights through
+    `gguf_key_map(config)` — what an architecture's `from_gguf` does."""
+    config = _read_config(config_from_gguf, checkpoint, checkpoint.path)
+    tokenizer = gguf_tokenizer(checkpoint)   # before the weights: a broken tokenizer fails in a second, not minutes
+    return load_model(model_cls, config, checkpoint, gguf_key_map(config), dtype, param_dtype), tokenizer
+
+# %% ../nbs/04_checkpoints.ipynb #fe3f5045
 def hf_config(directory) -> dict:
     """A Hugging Face model directory's config.json, as a dict whose fields are checked (`check_hf_config`)."""
     path = Path(directory) / "config.json"
@@ -947,22 +963,6 @@ def _read_config(convert, source, path):
     except (TypeError, ValueError, ArithmeticError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path} describes a model llmjax can't build ({_reason(e)}); fix it or download "
                               f"the model again") from None
-
-
-def load_hf_directory(model_cls, config_from_hf, hf_key_map, directory, dtype="float32", param_dtype=None):
-    """A model from a Hugging Face directory: its config.json through `config_from_hf`, its safetensors through
-    `hf_key_map(config)` — what an architecture's `from_hf_directory` does."""
-    config = _read_config(config_from_hf, hf_config(directory), Path(directory) / "config.json")
-    checkpoint = SafetensorsCheckpoint.from_directory(directory)
-    return load_model(model_cls, config, checkpoint, hf_key_map(config), dtype, param_dtype)
-
-
-def load_gguf(model_cls, config_from_gguf, gguf_key_map, checkpoint, dtype="float32", param_dtype=None):
-    """(model, tokenizer) from a GGUF: config from its metadata, the tokenizer it embeds, weights through
-    `gguf_key_map(config)` — what an architecture's `from_gguf` does."""
-    config = _read_config(config_from_gguf, checkpoint, checkpoint.path)
-    tokenizer = gguf_tokenizer(checkpoint)   # before the weights: a broken tokenizer fails in a second, not minutes
-    return load_model(model_cls, config, checkpoint, gguf_key_map(config), dtype, param_dtype), tokenizer
 
 # %% ../nbs/04_checkpoints.ipynb #bbd02e7c
 def anonymous_memory() -> int:

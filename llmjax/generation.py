@@ -7,7 +7,7 @@ __all__ = ['CANDIDATES', 'MASS_MARGIN', 'PROMPT_BUCKET', 'CACHE_BUCKET', 'DECODE
            'COMPILED_PROGRAMS_BYTES', 'filter_top_k', 'filter_top_p_reference', 'filter_min_p', 'candidate_cut',
            'float_keys', 'key_floats', 'mass_cut', 'nucleus_cut', 'filter_top_p', 'categorical', 'check_count',
            'check_number', 'check_seed', 'check_token_id', 'check_token_ids', 'Sampling', 'sample', 'bucket',
-           'DecodeState', 'stop_token_ids', 'stream_ids', 'generate_ids', 'check_prompt', 'stream_text', 'generate',
+           'DecodeState', 'stop_token_ids', 'stream_ids', 'generate_ids', 'check_prompt', 'generate', 'stream_text',
            'compilation_cache', 'compiled_on_disk']
 
 # %% ../nbs/08_generation.ipynb #d49fc974
@@ -220,7 +220,7 @@ def _prefill(graphdef, state, tokens, attention_mask, cache, *, sampling: Sampli
     logits = out.logits[:, -1]
     return sample(logits, jax.random.fold_in(key, 0), sampling), logits, out.cache
 
-
+# %% ../nbs/08_generation.ipynb #54a2c5ef
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
@@ -231,7 +231,7 @@ class DecodeState:
     done: jax.Array      # bool [B]: the row has emitted a stop id
     step: jax.Array      # int32 []: decode steps so far
 
-
+# %% ../nbs/08_generation.ipynb #ad16d90a
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "sampling", "logits_width"),
                    donate_argnames=("carry",))
 def _decode_chunk(graphdef, state, carry: DecodeState, *, chunk: int, sampling: Sampling, logits_width: int, stop,
@@ -262,7 +262,7 @@ def _decode_chunk(graphdef, state, carry: DecodeState, *, chunk: int, sampling: 
     i, carry, out_tokens, out_logits = jax.lax.while_loop(cond, body, start)
     return dataclasses.replace(carry, step=carry.step + i), out_tokens, out_logits, i
 
-
+# %% ../nbs/08_generation.ipynb #1093d5ef
 def stop_token_ids(model, stop_ids: Sequence[int] | None = None) -> list[int]:
     return sorted(set(getattr(model.config, "eos_token_ids", ())) | set(stop_ids or ()))
 
@@ -301,7 +301,7 @@ def _stream_ids(model, input_ids, mask, max_new_tokens, sampling, seed, stop_ids
         yield out[:, :n], (out_logits[:, :n] if with_logits else None)
         made += n
 
-
+# %% ../nbs/08_generation.ipynb #06772037
 def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                  stop_ids: Sequence[int] | None = None, *, min_p: float | None = None, pad_id: int | None = None,
@@ -360,6 +360,61 @@ def check_prompt(model, input_ids, attention_mask, max_new_tokens: int) -> tuple
                          "the prompt or lower max_new_tokens")
     return ids.astype(np.int32), mask.astype(np.int32)
 
+# %% ../nbs/08_generation.ipynb #eccc0775
+def generate(model, tokenizer, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stream: bool = False, *, min_p: float | None = None,
+             stop_ids: Sequence[int] | None = None):
+    """Continuations of `prompts` (a string or a list) as a list of strings, or, with stream=True and one prompt,
+    an iterator of text pieces as they are made."""
+    sampling = Sampling(temperature, top_k, top_p, min_p)
+    vocab = model.config.vocab_size
+    if stop_ids is not None:
+        check_token_ids("stop_ids", stop_ids, vocab)
+    for name, token in [("eos_token_id", tokenizer.eos_token_id), ("pad_token_id", tokenizer.pad_token_id)]:
+        if token is not None:
+            check_token_id(f"the tokenizer's {name}", token, vocab)
+    if stream:
+        if not isinstance(prompts, str):
+            raise ValueError(f"stream=True takes one prompt (a string), got {type(prompts).__name__}: pass one string, "
+                             "or drop stream=True for a list")
+        return stream_text(model, tokenizer, prompts, max_new_tokens, sampling, seed, stop_ids)
+    prompts = _prompt_list(prompts)
+    pad_id = _pad_id(tokenizer, model)
+    ids, mask = _encode(tokenizer, prompts, pad_id)
+    out = generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed,
+                       _text_stops(model, tokenizer, stop_ids), min_p=min_p, pad_id=pad_id)
+    return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+
+# %% ../nbs/08_generation.ipynb #08edaebe
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sampling, seed: int = 0,
+                stop_ids: Sequence[int] | None = None, on_token=None) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces; `on_token(id)` is called for every token made. The prompt
+    is encoded and checked at the call, before the first piece is asked for."""
+    pad_id = _pad_id(tokenizer, model)
+    stops = _text_stops(model, tokenizer, stop_ids)
+    ids, mask = _encode(tokenizer, [prompt], pad_id)
+    tokens = stream_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                        stop_ids=stops, pad_id=pad_id, chunk=STREAM_CHUNK)
+    return _text_pieces(tokenizer, tokens, stops, on_token)
+
+
+def _text_pieces(tokenizer, tokens: Iterator, stops: Sequence[int], on_token) -> Iterator[str]:
+    made, emitted, stopped = [], "", False
+    for chunk, _ in tokens:
+        for token in np.asarray(chunk)[0].tolist():
+            if on_token is not None:
+                on_token(token)
+            if token in stops:
+                stopped = True
+                break
+            made.append(token)
+        text = tokenizer.decode(made, skip_special_tokens=True)
+        if len(text) > len(emitted) and (stopped or not text.endswith("\ufffd")):   # wait for a split character's rest
+            yield text[len(emitted):]
+            emitted = text
+        if stopped:
+            return
+
 # %% ../nbs/08_generation.ipynb #a051ecad
 def _text_stops(model, tokenizer, stop_ids: Sequence[int] | None = None) -> list[int]:
     """Stop ids for text generation: the model's EOS ids, the tokenizer's EOS and any asked for."""
@@ -398,91 +453,8 @@ def _prompt_list(prompts) -> list[str]:
             raise TypeError(f"prompts[{i}] is a {type(prompt).__name__}, not a string: every prompt must be text")
     return prompts
 
-
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sampling, seed: int = 0,
-                stop_ids: Sequence[int] | None = None, on_token=None) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text pieces; `on_token(id)` is called for every token made. The prompt
-    is encoded and checked at the call, before the first piece is asked for."""
-    pad_id = _pad_id(tokenizer, model)
-    stops = _text_stops(model, tokenizer, stop_ids)
-    ids, mask = _encode(tokenizer, [prompt], pad_id)
-    tokens = stream_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                        stop_ids=stops, pad_id=pad_id, chunk=STREAM_CHUNK)
-    return _text_pieces(tokenizer, tokens, stops, on_token)
-
-
-def _text_pieces(tokenizer, tokens: Iterator, stops: Sequence[int], on_token) -> Iterator[str]:
-    made, emitted, stopped = [], "", False
-    for chunk, _ in tokens:
-        for token in np.asarray(chunk)[0].tolist():
-            if on_token is not None:
-                on_token(token)
-            if token in stops:
-                stopped = True
-                break
-            made.append(token)
-        text = tokenizer.decode(made, skip_special_tokens=True)
-        if len(text) > len(emitted) and (stopped or not text.endswith("\ufffd")):   # wait for a split character's rest
-            yield text[len(emitted):]
-            emitted = text
-        if stopped:
-            return
-
-
-def generate(model, tokenizer, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, stream: bool = False, *, min_p: float | None = None,
-             stop_ids: Sequence[int] | None = None):
-    """Continuations of `prompts` (a string or a list) as a list of strings, or, with stream=True and one prompt,
-    an iterator of text pieces as they are made."""
-    sampling = Sampling(temperature, top_k, top_p, min_p)
-    vocab = model.config.vocab_size
-    if stop_ids is not None:
-        check_token_ids("stop_ids", stop_ids, vocab)
-    for name, token in [("eos_token_id", tokenizer.eos_token_id), ("pad_token_id", tokenizer.pad_token_id)]:
-        if token is not None:
-            check_token_id(f"the tokenizer's {name}", token, vocab)
-    if stream:
-        if not isinstance(prompts, str):
-            raise ValueError(f"stream=True takes one prompt (a string), got {type(prompts).__name__}: pass one string, "
-                             "or drop stream=True for a list")
-        return stream_text(model, tokenizer, prompts, max_new_tokens, sampling, seed, stop_ids)
-    prompts = _prompt_list(prompts)
-    pad_id = _pad_id(tokenizer, model)
-    ids, mask = _encode(tokenizer, prompts, pad_id)
-    out = generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed,
-                       _text_stops(model, tokenizer, stop_ids), min_p=min_p, pad_id=pad_id)
-    return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
-
 # %% ../nbs/08_generation.ipynb #bf2aa990
 COMPILED_PROGRAMS_BYTES = 2**30   # the most disk compiled programs may take; the least recently used go first
-
-
-def _whole_stream(entry: Path) -> bool:
-    """Whether a cache entry is one complete compressed stream (zlib, or zstd where zstandard can read it); an
-    entry in a format llmjax doesn't know is left to JAX."""
-    try:
-        with open(entry, "rb") as file:
-            head = file.read(4)
-            file.seek(0)
-            if not head:                                                   # cut before its first byte
-                return False
-            if head[:1] == b"\x78":                                        # zlib
-                stream = zlib.decompressobj()
-                while block := file.read(1 << 20):
-                    stream.decompress(block)
-                return stream.eof and not stream.unused_data
-            if head == b"\x28\xb5\x2f\xfd":                                # zstd
-                try:
-                    import zstandard
-                except ImportError:
-                    return True
-                stream = zstandard.ZstdDecompressor().decompressobj()
-                while block := file.read(1 << 20):
-                    stream.decompress(block)
-                return stream.eof
-            return True
-    except Exception:   # unreadable, or the stream is damaged
-        return False
 
 
 def compilation_cache(path=None) -> Path | None:
@@ -514,7 +486,7 @@ def compilation_cache(path=None) -> Path | None:
     jax_cache.reset_cache()   # takes effect even if this process compiled something before
     return folder
 
-
+# %% ../nbs/08_generation.ipynb #8b4fcb5b
 @contextlib.contextmanager
 def compiled_on_disk(path=None):
     """`compilation_cache` for the length of a `with` block, which yields its folder (or None); the process's own
@@ -528,3 +500,31 @@ def compiled_on_disk(path=None):
         jax.config.update("jax_compilation_cache_max_size", previous[1])
         jax_cache.set_cache_dir(previous[0])
         jax_cache.reset_cache()
+
+# %% ../nbs/08_generation.ipynb #2ed92df7
+def _whole_stream(entry: Path) -> bool:
+    """Whether a cache entry is one complete compressed stream (zlib, or zstd where zstandard can read it); an
+    entry in a format llmjax doesn't know is left to JAX."""
+    try:
+        with open(entry, "rb") as file:
+            head = file.read(4)
+            file.seek(0)
+            if not head:                                                   # cut before its first byte
+                return False
+            if head[:1] == b"\x78":                                        # zlib
+                stream = zlib.decompressobj()
+                while block := file.read(1 << 20):
+                    stream.decompress(block)
+                return stream.eof and not stream.unused_data
+            if head == b"\x28\xb5\x2f\xfd":                                # zstd
+                try:
+                    import zstandard
+                except ImportError:
+                    return True
+                stream = zstandard.ZstdDecompressor().decompressobj()
+                while block := file.read(1 << 20):
+                    stream.decompress(block)
+                return stream.eof
+            return True
+    except Exception:   # unreadable, or the stream is damaged
+        return False

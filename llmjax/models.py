@@ -81,7 +81,7 @@ class ModelInfo:
         """The model's files: already here, or downloaded from the hub; a PyPI package must be installed first."""
         return self.files.fetch() if self.files is not None else (self.locate() or download(self.hub))
 
-
+# %% ../nbs/12_models.ipynb #15a950f3
 REGISTRY = {m.name: m for m in [
     ModelInfo("gpt2", "gpt2", "gpt2", "GPT-2 124M (OpenAI, 2019)", hub="openai-community/gpt2"),
     ModelInfo("gpt2-medium", "gpt2", "gpt2_medium", "GPT-2 355M", hub="openai-community/gpt2-medium"),

