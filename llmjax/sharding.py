@@ -10,7 +10,7 @@ __all__ = ['DATA', 'TENSOR', 'BOTH', 'LLAMA_PARTS', 'GEMMA_PARTS', 'MIXTRAL_PART
            'demo_model', 'demo_rows', 'sgd_step', 'data_parallel_run', 'run_process', 'launch', 'memory_per_device',
            'parse_mesh']
 
-# %% ../nbs/16_sharding.ipynb #489e0d3d
+# %% ../nbs/16_sharding.ipynb #41453faf
 import dataclasses
 import fnmatch
 import functools
@@ -32,7 +32,7 @@ from . import gemma, gpt2, llama, mistral
 from .attention import Attention, KVCache, cache_layout
 from .training import Batch, model_loss
 
-# %% ../nbs/16_sharding.ipynb #9f17937f
+# %% ../nbs/16_sharding.ipynb #dffc3ae8
 DATA, TENSOR = "data", "tensor"   # the mesh's axes: batches are split along one, weights both
 BOTH = (DATA, TENSOR)             # a dimension split over every device of the mesh
 
@@ -52,7 +52,7 @@ def make_mesh(data: int = 1, tensor: int = 1, devices=None) -> Mesh:
     return jax.make_mesh((data, tensor), BOTH, axis_types=(AxisType.Auto,) * 2,
                          devices=devices[:data * tensor])
 
-# %% ../nbs/16_sharding.ipynb #ca5b2a7c
+# %% ../nbs/16_sharding.ipynb #9b04c7e2
 LLAMA_PARTS = {   # LLaMA and Mistral: parameter path -> the part it plays ("?": may be absent)
     "embed_tokens.embedding": "embedding",                   # [V, D]
     "layers.*.self_attn.[qkv]_proj.kernel": "head_column",   # [D, H·d], [D, K·d]
@@ -90,7 +90,7 @@ def architecture_parts(model: nnx.Module) -> dict[str, str]:
                          f"{', '.join(c.__name__ for c in PARTS)}")
     return found
 
-# %% ../nbs/16_sharding.ipynb #7c3cd436
+# %% ../nbs/16_sharding.ipynb #c8cfbaaa
 @dataclasses.dataclass(frozen=True)
 class PartitionRule:
     pattern: str              # a dotted parameter path; * matches any characters (a layer)
@@ -137,7 +137,7 @@ FSDP_TP = Strategy("FSDP+TP", batch=P(DATA), column=P(DATA, TENSOR), row=P(TENSO
                    embedding=P(TENSOR, DATA), unembedding=P(DATA, TENSOR))
 STRATEGIES = {s.name: s for s in (DP, FSDP, TP, FSDP_TP)}
 
-# %% ../nbs/16_sharding.ipynb #d698bc6a
+# %% ../nbs/16_sharding.ipynb #1060ea83
 def fit(spec: P, shape: tuple, mesh, heads: int | None = None, head_dim: int = 1) -> P:
     """`spec` fitted to an array of `shape` on `mesh`: each dimension keeps the longest prefix
     of its mesh axes that splits it evenly — in whole heads of `head_dim` where `tensor` alone
@@ -181,7 +181,7 @@ def match_rules(shapes: dict, rules, mesh, head_dim: int, name: str = "the model
         raise ValueError(f"the partition rules don't fit {name}: " + "; ".join(problems))
     return specs
 
-# %% ../nbs/16_sharding.ipynb #4a121a18
+# %% ../nbs/16_sharding.ipynb #fdf9eff7
 def shard_model(model: nnx.Module, mesh, strategy: Strategy) -> nnx.Module:
     """A copy of `model` whose parameters are split over `mesh` as `strategy` says; each
     parameter goes through host memory, one at a time, and each device receives only its
@@ -199,7 +199,7 @@ def shard_batch(batch, mesh, strategy: Strategy):
     says."""
     return jax.device_put(batch, NamedSharding(mesh, strategy.batch))
 
-# %% ../nbs/16_sharding.ipynb #c8ed8ad1
+# %% ../nbs/16_sharding.ipynb #0802587e
 def cache_shardings(cache: KVCache, mesh) -> KVCache:
     """Where each buffer of a KV cache lives: rows along `data`, key/value heads along `tensor`
     (when they split evenly; else every device holds them all); positions and validity by
@@ -218,7 +218,7 @@ def sharded_cache(model: nnx.Module, mesh, *, batch: int, capacity: int) -> KVCa
     cache = KVCache.create(cache_layout(model), batch=batch, capacity=capacity)
     return jax.device_put(cache, cache_shardings(cache, mesh))
 
-# %% ../nbs/16_sharding.ipynb #00b4d50c
+# %% ../nbs/16_sharding.ipynb #f02abcc5
 COLLECTIVES = "all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"
 
 
@@ -229,7 +229,7 @@ def count_collectives(compiled) -> dict[str, int]:
     found = re.findall(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", compiled.as_text())
     return {name: found.count(name) for name in COLLECTIVES if name in found}
 
-# %% ../nbs/16_sharding.ipynb #8ce7cc94
+# %% ../nbs/16_sharding.ipynb #fc13b335
 def gated_mlp(x, gate, up, down):
     """SwiGLU, on whatever part of the weights this device has: x [.., D] -> [.., D]."""
     return (jax.nn.silu(x @ gate) * (x @ up)) @ down
@@ -253,7 +253,7 @@ def fully_sharded_mlp(mesh):
         return gated_mlp(x, gather(gate), gather(up), gather(down))
     return jax.shard_map(local, mesh=mesh, in_specs=(P(BOTH),) * 4, out_specs=P(BOTH))
 
-# %% ../nbs/16_sharding.ipynb #98a669cd
+# %% ../nbs/16_sharding.ipynb #4b6eaa2e
 def tensor_parallel_attention(attention: Attention, mesh):
     """`attention` (without biases or QK-norm) split by heads over `tensor`: a function of its
     q, k, v, o kernels and of (x [B, T, D], positions [B, T], valid [B, T]) -> [B, T, D]."""
@@ -276,7 +276,7 @@ def tensor_parallel_attention(attention: Attention, mesh):
     return jax.shard_map(run, mesh=mesh, out_specs=rows,
                          in_specs=(columns, columns, columns, P(TENSOR), rows, rows, rows))
 
-# %% ../nbs/16_sharding.ipynb #e8cb5191
+# %% ../nbs/16_sharding.ipynb #55eeceb1
 def demo_model() -> llama.Llama:
     """A seeded one-layer tiny LLaMA: what the training steps below train (on `demo_rows`)."""
     config = dataclasses.replace(llama.LlamaConfig.tiny(), num_hidden_layers=1)
@@ -297,7 +297,7 @@ def sgd_step(graphdef, params, batch: Batch, learning_rate):
     loss, grads = jax.value_and_grad(loss_of)(params)
     return jax.tree.map(lambda p, g: p - learning_rate * g, params, grads), loss
 
-# %% ../nbs/16_sharding.ipynb #6ee55c6f
+# %% ../nbs/16_sharding.ipynb #1e839ee1
 def data_parallel_run(mesh, local_rows: np.ndarray) -> dict:
     """`demo_model` takes one SGD step on the global batch made of every process's `local_rows`
     -> the loss and the sum of each updated parameter, as plain numbers."""
@@ -325,7 +325,7 @@ def run_process(coordinator: str, num_processes: int, process_id: int) -> dict:
     finally:
         jax.distributed.shutdown()
 
-# %% ../nbs/16_sharding.ipynb #ae203ee2
+# %% ../nbs/16_sharding.ipynb #7e4215eb
 def launch(num_processes: int = 2, local_devices: int = 4, timeout: float = 180) -> list[dict]:
     """Run `run_process` as `num_processes` Python processes on this machine, each with
     `local_devices` simulated CPU devices, coordinated on a free local port -> their
@@ -358,15 +358,17 @@ def launch(num_processes: int = 2, local_devices: int = 4, timeout: float = 180)
 if __name__ == "__main__" and "ipykernel" not in sys.modules:   # HOST:PORT PROCESSES ID
     print(json.dumps(run_process(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
 
-# %% ../nbs/16_sharding.ipynb #e5430bea
+# %% ../nbs/16_sharding.ipynb #fb04919a
 def memory_per_device(model: nnx.Module, strategy: Strategy, meshes, *, batch: int = 8,
                       context: int = 4096) -> list[dict]:
     """Bytes on each device (all hold the same), for each mesh, of `model` (abstract is enough)
     split by `strategy`: 'training' is float32 weights, gradients and AdamW's two moments;
-    'generation' bfloat16 weights and the KV cache of `batch` rows of `context` tokens (rows
-    split like a batch, heads along `tensor` when they split evenly)."""
+    'generation' bfloat16 weights and the KV cache of `batch` rows of `context` tokens, or of
+    the model's context length if shorter (rows split like a batch, heads along `tensor` when
+    they split evenly)."""
     shapes = {path: var.shape for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     layout, rules = cache_layout(model), strategy.rules(model)
+    context = min(context, model.config.context_length)
     slots = sum(min(context, w) if w else context for w in layout.windows)
     found = []
     for mesh in meshes:
@@ -384,7 +386,7 @@ def memory_per_device(model: nnx.Module, strategy: Strategy, meshes, *, batch: i
                           generation=2 * parameters + cache))
     return found
 
-# %% ../nbs/16_sharding.ipynb #b9a8257b
+# %% ../nbs/16_sharding.ipynb #3665398d
 def parse_mesh(text: str, devices=None) -> Mesh:
     """A mesh from "data=2,tensor=4" (an axis left out has size 1)."""
     sizes = {}
