@@ -8,14 +8,15 @@ __all__ = ['DTYPES', 'FIELD_KINDS', 'SAFETENSORS_DTYPES', 'MAX_HEADER', 'GGUF_SC
            'ROPE_FIELDS', 'GGUF_FIELDS', 'RECORD', 'TOKENIZER_CACHE_FORMAT', 'CheckpointError', 'resolve_dtype',
            'check_fields', 'check_divides', 'SafetensorsFile', 'Checkpoint', 'SafetensorsCheckpoint', 'index_shards',
            'GGUFTensor', 'read_gguf_header', 'dequantize', 'GGUFCheckpoint', 'gguf_tokenizer_backend', 'gguf_tokenizer',
-           'Transform', 'Rule', 'KeyMap', 'plan_loading', 'load_weights', 'load_model', 'checkpoint_tensors',
-           'rope_from_hf', 'rope_to_hf', 'hf_rope', 'hf_eos_ids', 'hf_fields', 'check_hf_config',
-           'gguf_hyperparameters', 'load_hf_directory', 'load_gguf', 'hf_config', 'anonymous_memory',
+           'Transform', 'Rule', 'KeyMap', 'plan_loading', 'load_weights', 'load_model', 'with_shardings',
+           'sharded_loading', 'checkpoint_tensors', 'rope_from_hf', 'rope_to_hf', 'hf_rope', 'hf_eos_ids', 'hf_fields',
+           'check_hf_config', 'gguf_hyperparameters', 'load_hf_directory', 'load_gguf', 'hf_config', 'anonymous_memory',
            'peak_memory_growth', 'save_model', 'restore_model', 'cache_dir', 'package_file', 'recorded', 'verified',
            'join_parts', 'PackagedFile', 'cached_gguf_tokenizer']
 
 # %% ../nbs/04_checkpoints.ipynb #549e2178
 import contextlib
+import contextvars
 import dataclasses
 import glob
 import hashlib
@@ -734,29 +735,37 @@ def _adoptable(value, dtype) -> bool:
         value.flags.writeable and value.ctypes.data % 64 == 0
 
 
-def _to_device(value, dtype, adopt: bool = False) -> jax.Array:
+def _host_copy(value, dtype) -> np.ndarray:
+    buffer = _host_buffer(np.shape(value), dtype)
+    np.copyto(buffer, value, casting="unsafe")   # what np.asarray(value, dtype) would convert, in the same pass
+    return buffer
+
+
+def _to_device(value, dtype, adopt: bool = False, sharding=None) -> jax.Array:
     """An array as a device array of `dtype`, written once — converted, in C order — into a buffer of its own that
-    the device takes over. With `adopt`, a `value` that already is such a buffer is handed over as it is."""
-    if not (adopt and _adoptable(value, dtype)):
-        buffer = _host_buffer(np.shape(value), dtype)
-        np.copyto(buffer, value, casting="unsafe")   # what np.asarray(value, dtype) would convert, in the same pass
-        value = buffer
-    return jax.device_put(value)
+    the device takes over. With `adopt`, a `value` that already is such a buffer is handed over as it is. With a
+    `sharding`, each device receives only its own slice, copied into a buffer of its own."""
+    if sharding is not None:
+        return jax.make_array_from_callback(np.shape(value), sharding,
+                                            lambda index: _host_copy(value[index], dtype))
+    return jax.device_put(value if adopt and _adoptable(value, dtype) else _host_copy(value, dtype))
 
 # %% ../nbs/04_checkpoints.ipynb #f767e42d
 def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: KeyMap) -> nnx.Module:
     """Fill an `nnx.eval_shape`-built model from a checkpoint, one tensor at a time, each cast to its parameter's
-    dtype; a new array from a checkpoint with `fresh_reads` that the key map leaves unchanged goes uncopied."""
+    dtype and put where its abstract value's sharding says (by default: the default device); a new array from a
+    checkpoint with `fresh_reads` that the key map leaves unchanged goes uncopied."""
     plan = plan_loading(abstract_model, checkpoint, key_map)
     graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    dtypes = {path: var.dtype for path, var in nnx.to_flat_state(params)}
+    abstract = dict(nnx.to_flat_state(params))
     values = {}
     for name, rule, targets in plan:
         array = checkpoint.read(name)
         out = rule.transform(array) if rule.transform else array
         adopt = getattr(checkpoint, "fresh_reads", False) and out is array   # new, unchanged, held by no one else
         for path, value in zip(targets, out if isinstance(out, tuple) else (out,)):
-            values[path] = _to_device(value, dtypes[path], adopt)   # one tensor's host copy at a time
+            sharding = getattr(abstract[path].get_value(), "sharding", None)   # see `with_shardings`
+            values[path] = _to_device(value, abstract[path].dtype, adopt, sharding)   # one tensor at a time
         del array, out
     flat = [(path, var.replace(values.pop(path))) for path, var in nnx.to_flat_state(params)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
@@ -769,7 +778,32 @@ def load_model(model_cls, config, checkpoint: Checkpoint, key_map: KeyMap, dtype
     dtype = resolve_dtype(dtype)
     param_dtype = dtype if param_dtype is None else resolve_dtype(param_dtype)
     abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    if (shardings := _SHARDINGS.get()) is not None:   # inside `sharded_loading`
+        abstract = with_shardings(abstract, shardings(abstract))
     return load_weights(abstract, checkpoint, key_map)
+
+# %% ../nbs/04_checkpoints.ipynb #695bbabb
+def with_shardings(abstract_model: nnx.Module, shardings: dict) -> nnx.Module:
+    """The `nnx.eval_shape`-built model with each parameter named in `shardings` ({path: jax.sharding.Sharding})
+    carrying its sharding in its abstract value: where `load_weights` will put it."""
+    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    flat = [(path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path]))
+             if path in shardings else var) for path, var in nnx.to_flat_state(params)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+_SHARDINGS = contextvars.ContextVar("shardings", default=None)
+
+
+@contextlib.contextmanager
+def sharded_loading(shardings: Callable[[nnx.Module], dict]):
+    """Inside this block `load_model` places each parameter on the sharding `shardings(abstract model)` gives it
+    ({path: jax.sharding.Sharding}; a path left out goes to the default device)."""
+    token = _SHARDINGS.set(shardings)
+    try:
+        yield
+    finally:
+        _SHARDINGS.reset(token)
 
 # %% ../nbs/04_checkpoints.ipynb #f1d8c106
 def _layers(rule: Rule, paths) -> list[dict]:

@@ -43,28 +43,39 @@ def generate_command(args, stdin=None) -> int:
     check_count("--max-new-tokens", args.max_new_tokens)    # before the model loads: mistakes cost no time
     check_seed(args.seed)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)   # refuses a bad temperature, top-k or top-p
+    placement = _placement(args)   # a mesh the devices can't form is refused here too
     prompt = read_prompt(args.prompt, stdin)
     if not prompt.strip():
         raise ValueError("the prompt is empty: pass it as an argument or on standard input")
     with compiled_on_disk():   # a second run reads the compiled programs instead of compiling (chapter 8)
-        times, start = _stream_to_stdout(args, prompt, sampling)
+        times, start = _stream_to_stdout(args, prompt, sampling, placement)
     if times:   # tokens arrive in chunks; the first two chunks include compilation, so time the ones after them
         warm = times[min(len(times) - 1, STREAM_CHUNK + 1)]
         later = [t for t in times if t > warm]
         rate = (f"{len(later) / (later[-1] - warm):.1f} tokens/s" if len(later) >= STREAM_CHUNK
                 else "too few tokens to time")
-        print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s including compilation]",
+        split = f"; split over {placement['mesh'].size} devices" if placement else ""
+        print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s including compilation{split}]",
               file=sys.stderr)
     return 0
 
 
-def _stream_to_stdout(args, prompt: str, sampling) -> tuple[list[float], float]:
+def _placement(args) -> dict:
+    """`load`'s mesh and rules for --mesh: the model split over that mesh by FSDP + TP (chapter 16)."""
+    if getattr(args, "mesh", None) is None:
+        return {}
+    from llmjax.sharding import FSDP_TP, parse_mesh
+
+    return dict(mesh=parse_mesh(args.mesh), rules=FSDP_TP)
+
+
+def _stream_to_stdout(args, prompt: str, sampling, placement: dict) -> tuple[list[float], float]:
     """Load the model and print its continuation of the prompt as it is made: (each token's time, the start)."""
     import time
 
     from llmjax.generation import stream_text
 
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype, **placement)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; llmjax generate needs one")
     if args.chat:
@@ -460,6 +471,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--mesh", metavar="SPEC", help="split the model over a mesh of devices, e.g. data=2,tensor=4 "
+                                                  "(FSDP + TP); on a CPU, simulate devices with XLA_FLAGS="
+                                                  "--xla_force_host_platform_device_count=N (default: one device)")
     sub.add_parser("models", help="list the registered models", description="List the registered models.")
     sub.add_parser("info", help="show the versions, JAX's backend and the devices it sees",
                    description="Show llmjax's version, the libraries it runs on, JAX's backend and its devices.")

@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
 from . import gemma, gpt2, llama, mistral
-from .checkpoints import CheckpointError, GGUFCheckpoint, PackagedFile, cache_dir, resolve_dtype
+from .checkpoints import (CheckpointError, GGUFCheckpoint, PackagedFile, cache_dir, resolve_dtype,
+                                sharded_loading)
 
 # %% ../nbs/12_models.ipynb #4d7cd2dc
 @dataclasses.dataclass(frozen=True)
@@ -216,11 +220,25 @@ def resolve(source) -> Path:
                           f"({', '.join(REGISTRY)}), not a hub repo id (org/name)")
 
 
-def load(source, dtype="float32", param_dtype=None):
+def load(source, dtype="float32", param_dtype=None, *, mesh=None, rules=None):
     """(model, tokenizer) from a path, a registered name or a hub repo id; dtype 'float32' | 'bfloat16' | 'float16'
     is the compute dtype, and the parameters' storage dtype unless param_dtype says otherwise (chapter 2's policy).
 
+    With a `mesh` (a jax.sharding.Mesh), each tensor goes from the checkpoint straight onto its devices:
+    `rules(abstract model, mesh)` -> {parameter path: PartitionSpec} (chapter 16's partition rules) says how each
+    parameter is split; one it leaves out, or every one without `rules`, is copied whole to every device.
     The tokenizer is None for a directory that has none."""
     dtype = resolve_dtype(dtype)
     param_dtype = dtype if param_dtype is None else resolve_dtype(param_dtype)
-    return _load_path(resolve(source), dtype, param_dtype)
+    if mesh is None:
+        if rules is not None:
+            raise ValueError("rules= says how to split a model over a mesh of devices: pass mesh= too")
+        return _load_path(resolve(source), dtype, param_dtype)
+    with sharded_loading(lambda abstract: _mesh_shardings(abstract, mesh, rules)):
+        return _load_path(resolve(source), dtype, param_dtype)
+
+
+def _mesh_shardings(abstract, mesh, rules) -> dict:
+    specs = rules(abstract, mesh) if rules is not None else {}
+    params = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    return {path: NamedSharding(mesh, specs.get(path, PartitionSpec())) for path, _ in params}

@@ -50,6 +50,21 @@ def test_load_with_float32_master_weights(tiny_gpt2_dir):
     assert mixed(np.array([[1, 2, 3]])).dtype == jnp.float32
 
 
+def test_load_onto_a_one_device_mesh(tiny_gpt2_dir):
+    """mesh= without rules: every parameter whole on every device of the mesh, values unchanged; rules= alone is
+    refused (a table of specs means nothing without the devices it names)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    directory, _ = tiny_gpt2_dir
+    one_device = Mesh(np.array(jax.devices()[:1]), ("data",))
+    placed, _ = llmjax.load(directory, mesh=one_device)
+    assert {p.sharding for p in jax.tree.leaves(nnx.state(placed))} == {NamedSharding(one_device, PartitionSpec())}
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(placed), nnx.state(from_hf_directory(directory)))
+    with pytest.raises(ValueError, match="pass mesh=") as info:
+        llmjax.load(directory, rules=lambda model, mesh: {})
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("source, error, expected", [
     ("gpt5", CheckpointError, "not a registered name"),
     ("some/deep/path", CheckpointError, "doesn't exist"),
