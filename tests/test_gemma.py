@@ -19,8 +19,8 @@ import llmjax
 from llmjax.attention import RoPE
 from llmjax.checkpoints import CheckpointError
 from llmjax.checkpoints import PackagedFile, join_parts
-from llmjax.gemma import (FULL, SLIDING, GemmaConfig, config_from_hf, config_to_hf, embedding_scale,
-                          from_hf_directory, hf_model_type, interleaved)
+from llmjax.gemma import (FULL, SLIDING, GemmaConfig, config_from_hf, config_to_hf,
+                          embedding_scale, from_hf_directory, hf_model_type, interleaved)
 from llmjax.generation import generate_ids
 from llmjax.models import REGISTRY
 from llmjax.validation import randomize, validate
@@ -209,10 +209,11 @@ def test_gguf_written_like_llama_cpp(tmp_path, generation):
 
 @pytest.mark.parametrize("hidden_size", [640, 1152, 2048, 2304, 2560, 3072, 3584, 4608])
 def test_embedding_scale_is_rounded_as_transformers_rounds_it(hidden_size):
-    """sqrt(D) computed in float32, then cast to the model's dtype: the same number transformers multiplies by."""
+    """sqrt(D) in float32, cast to the model's dtype: the number transformers multiplies by."""
     for ours, theirs in ((jnp.float32, torch.float32), (jnp.bfloat16, torch.bfloat16),
                          (jnp.float16, torch.float16)):
-        assert float(embedding_scale(hidden_size, ours)) == float(torch.tensor(hidden_size**0.5).to(theirs))
+        expected = float(torch.tensor(hidden_size**0.5).to(theirs))
+        assert float(embedding_scale(hidden_size, ours)) == expected
 
 
 def test_bad_input(tmp_path):
