@@ -23,31 +23,39 @@ from .layers import is_traced
 # %% ../nbs/03_attention.ipynb #8c200889
 @dataclasses.dataclass(frozen=True)
 class RoPE:
-    """Rotary embedding settings: the base `theta` and a frequency scaling ('default', 'linear' or 'llama3')."""
+    """Rotary embedding settings: the base `theta` and a frequency scaling ('default', 'linear'
+    or 'llama3')."""
 
     theta: float = 10_000.0
     kind: str = "default"
     factor: float = 1.0                  # linear, llama3: how much longer the new context is
-    low_freq_factor: float = 1.0         # llama3: wavelengths above original_max_position / low are divided by factor
-    high_freq_factor: float = 4.0        # llama3: wavelengths below original_max_position / high are kept
+    # llama3: wavelengths above original_max_position / low are divided by factor
+    low_freq_factor: float = 1.0
+    # llama3: wavelengths below original_max_position / high are kept
+    high_freq_factor: float = 4.0
     original_max_position: int = 8192    # llama3: the context the model was first trained on
 
     def __post_init__(self):
         if self.kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"unsupported RoPE scaling {self.kind!r}; llmjax implements 'default', 'linear' and 'llama3'")
+            raise ValueError(f"unsupported RoPE scaling {self.kind!r}; llmjax implements "
+                             "'default', 'linear' and 'llama3'")
 
     def inverse_frequencies(self, head_dim: int) -> np.ndarray:
-        """theta_i = base^(-2i/d) for i < d/2, after scaling; float32 [d/2], computed as transformers does."""
+        """theta_i = base^(-2i/d) for i < d/2, after scaling; float32 [d/2], computed as
+        transformers does."""
         exponents = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
         inv_freq = np.float32(1.0) / (np.float32(self.theta) ** exponents)
         if self.kind == "linear":
             inv_freq = inv_freq / np.float32(self.factor)
         elif self.kind == "llama3":
             old = np.float32(self.original_max_position)
-            low_wavelen, high_wavelen = old / np.float32(self.low_freq_factor), old / np.float32(self.high_freq_factor)
+            low_wavelen, high_wavelen = old / np.float32(self.low_freq_factor), \
+                old / np.float32(self.high_freq_factor)
             wavelen = np.float32(2 * math.pi) / inv_freq
-            scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(self.factor), inv_freq)
-            smooth = (old / wavelen - np.float32(self.low_freq_factor)) / np.float32(self.high_freq_factor - self.low_freq_factor)
+            scaled = np.where(wavelen > low_wavelen,
+                              inv_freq / np.float32(self.factor), inv_freq)
+            smooth = (old / wavelen - np.float32(self.low_freq_factor)) \
+                / np.float32(self.high_freq_factor - self.low_freq_factor)
             smoothed = (1 - smooth) * scaled / np.float32(self.factor) + smooth * scaled
             medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
             inv_freq = np.where(medium, smoothed, scaled)
@@ -68,31 +76,39 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 # %% ../nbs/03_attention.ipynb #cbb50c7f
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-    """[B, T], [B, S] positions -> bool [B, T, S]: a query sees keys at its own or earlier positions."""
+    """[B, T], [B, S] positions -> bool [B, T, S]: a query sees keys at its own or earlier
+    positions."""
     return k_positions[:, None, :] <= q_positions[:, :, None]
 
 
-def sliding_window_mask(q_positions: jax.Array, k_positions: jax.Array, window: int) -> jax.Array:
-    """bool [B, T, S]: a query at i sees keys at i - window < j (pair with the causal mask for j <= i)."""
+def sliding_window_mask(q_positions: jax.Array, k_positions: jax.Array,
+                        window: int) -> jax.Array:
+    """bool [B, T, S]: a query at i sees keys at i - window < j (pair with the causal mask for
+    j <= i)."""
     return q_positions[:, :, None] - k_positions[:, None, :] < window
 
 
 def padding_mask(k_valid: jax.Array, num_queries: int) -> jax.Array:
-    """bool [B, S] (True, or a segment id > 0, on real tokens) -> [B, T, S]: no query sees a padding key."""
-    return jnp.broadcast_to(k_valid[:, None, :] != 0, (k_valid.shape[0], num_queries, k_valid.shape[1]))
+    """bool [B, S] (True, or a segment id > 0, on real tokens) -> [B, T, S]: no query sees a
+    padding key."""
+    return jnp.broadcast_to(k_valid[:, None, :] != 0,
+                            (k_valid.shape[0], num_queries, k_valid.shape[1]))
 
 
 def document_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
-    """Segment ids [B, T], [B, S] -> bool [B, T, S]: a query sees keys of its own document. A padding query (0)
-    is left unrestricted: its output is never used, and it must see some key."""
-    q, k = jnp.asarray(q_segments, jnp.int32)[:, :, None], jnp.asarray(k_segments, jnp.int32)[:, None, :]
+    """Segment ids [B, T], [B, S] -> bool [B, T, S]: a query sees keys of its own document. A
+    padding query (0) is left unrestricted: its output is never used, and it must see some
+    key."""
+    q, k = jnp.asarray(q_segments, jnp.int32)[:, :, None], \
+        jnp.asarray(k_segments, jnp.int32)[:, None, :]
     return (q == k) | (q == 0)
 
 
 def make_attention_mask(q_positions, k_positions, k_valid, window: int | None = None,
                         q_segments=None) -> jax.Array:
-    """The mask every model uses: causal, no padding keys, (if q_segments) only keys of the query's document —
-    k_valid then holds the keys' segment ids — and (if window) only the `window` latest keys."""
+    """The mask every model uses: causal, no padding keys, (if q_segments) only keys of the
+    query's document — k_valid then holds the keys' segment ids — and (if window) only the
+    `window` latest keys."""
     mask = causal_mask(q_positions, k_positions) & padding_mask(k_valid, q_positions.shape[1])
     if q_segments is not None:
         mask &= document_mask(q_segments, k_valid)
@@ -102,19 +118,24 @@ def make_attention_mask(q_positions, k_positions, k_valid, window: int | None = 
 
 # %% ../nbs/03_attention.ipynb #d28f6608
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap); the identity when cap is None."""
+    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap); the identity when cap is
+    None."""
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
            logit_cap: float | None = None) -> jax.Array:
-    """q [B, T, H, d], k and v [B, K, S, d] (head-major), mask bool [B, T, S] -> [B, T, H, d]; K must divide H."""
+    """q [B, T, H, d], k and v [B, K, S, d] (head-major), mask bool [B, T, S] -> [B, T, H, d];
+    K must divide H."""
     B, T, H, d = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
-    q = q.reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)    # rows m = (g, t)
-    logits = softcap(jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * scale, logit_cap)
-    logits = jnp.where(mask[:, None, None], logits.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
+    # rows m = (g, t)
+    q = q.reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)
+    logits = softcap(jnp.einsum("bkmd,bksd->bkms", q, k,
+                                preferred_element_type=jnp.float32) * scale, logit_cap)
+    logits = jnp.where(mask[:, None, None], logits.reshape(B, K, G, T, S),
+                       jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B, K, G * T, S)
     out = jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(B, K, G, T, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, d)
@@ -123,7 +144,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-    """One layer's slots: keys and values [B, K, S, d] (head-major), and each slot's position and validity [B, S]."""
+    """One layer's slots: keys and values [B, K, S, d] (head-major), and each slot's position
+    and validity [B, S]."""
 
     keys: jax.Array
     values: jax.Array
@@ -131,18 +153,22 @@ class LayerCache:
     valid: jax.Array        # bool: the slot holds a real token (not padding, not yet written)
 
     @classmethod
-    def empty(cls, *, batch: int, slots: int, num_kv_heads: int, head_dim: int, dtype) -> "LayerCache":
+    def empty(cls, *, batch: int, slots: int, num_kv_heads: int, head_dim: int,
+              dtype) -> "LayerCache":
         kv = lambda: jnp.zeros((batch, num_kv_heads, slots, head_dim), dtype)
-        return cls(kv(), kv(), jnp.zeros((batch, slots), jnp.int32), jnp.zeros((batch, slots), bool))
+        return cls(kv(), kv(), jnp.zeros((batch, slots), jnp.int32),
+                   jnp.zeros((batch, slots), bool))
 
 
 def _slot_axis(buffer: jax.Array) -> int:
-    return 2 if buffer.ndim == 4 else 1     # keys and values [B, K, S, d]; positions and validity [B, S]
+    # keys and values [B, K, S, d]; positions and validity [B, S]
+    return 2 if buffer.ndim == 4 else 1
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
-    """What a model's cache holds: per layer K heads of width d in `dtype`, and each layer's window (None: all)."""
+    """What a model's cache holds: per layer K heads of width d in `dtype`, and each layer's
+    window (None: all)."""
 
     num_kv_heads: int
     head_dim: int
@@ -157,18 +183,22 @@ class CacheLayout:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Every layer's slots: as many as the cache's capacity, or a sliding window's length W (a ring buffer)."""
+    """Every layer's slots: as many as the cache's capacity, or a sliding window's length W (a
+    ring buffer)."""
 
     layers: tuple[LayerCache, ...]
-    length: jax.Array                  # int32 []: slots used so far (tokens appended, padding included)
-    seen: jax.Array                    # int32 [B]: real tokens of each row so far
-    capacity: int = dataclasses.field(metadata=dict(static=True))   # most tokens (slots) the cache is made for
+    length: jax.Array         # int32 []: slots used so far (tokens appended, padding included)
+    seen: jax.Array           # int32 [B]: real tokens of each row so far
+    # most tokens (slots) the cache is made for
+    capacity: int = dataclasses.field(metadata=dict(static=True))
 
     @classmethod
     def create(cls, layout: CacheLayout, *, batch: int, capacity: int) -> "KVCache":
-        """Room for `capacity` tokens; a layer whose window W is shorter gets a ring of W slots."""
+        """Room for `capacity` tokens; a layer whose window W is shorter gets a ring of W
+        slots."""
         layers = tuple(LayerCache.empty(batch=batch, slots=min(capacity, w) if w else capacity,
-                                        num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                                        num_kv_heads=layout.num_kv_heads,
+                                        head_dim=layout.head_dim,
                                         dtype=layout.dtype) for w in layout.windows)
         return cls(layers, jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), capacity)
 
@@ -182,46 +212,61 @@ class KVCache:
                                    seen=self.seen + valid.sum(-1).astype(jnp.int32))
 
     def update_layer(self, layer: int, new: LayerCache) -> tuple[LayerCache, "KVCache"]:
-        """Write layer `layer`'s T new slots into its buffers -> (the slots to attend over, the updated cache)."""
+        """Write layer `layer`'s T new slots into its buffers -> (the slots to attend over, the
+        updated cache)."""
         old = self.layers[layer]
         T, size = new.keys.shape[2], old.keys.shape[2]
-        if size >= self.capacity:        # a full buffer: the T new slots are [length - T, length), write then attend
+        # a full buffer: the T new slots are [length - T, length), write then attend
+        if size >= self.capacity:
             start = self.length - T      # (append has run)
             written = jax.tree.map(lambda b, x: jax.lax.dynamic_update_slice_in_dim(
                 b, x.astype(b.dtype), start, axis=_slot_axis(b)), old, new)
             return written, self._with_layer(layer, written)
-        # A ring: row b's n-th real token goes to slot n mod W; padding is not written, and of a prompt longer than
-        # the ring only each row's newest W real tokens are.
-        rank = (self.seen - new.valid.sum(-1))[:, None] + jnp.cumsum(new.valid, axis=1) - 1    # [B, T]
+        # A ring: row b's n-th real token goes to slot n mod W; padding is not written, and of
+        # a prompt longer than the ring only each row's newest W real tokens are.
+        # [B, T]
+        rank = (self.seen - new.valid.sum(-1))[:, None] + jnp.cumsum(new.valid, axis=1) - 1
         keep = new.valid & (self.seen[:, None] - 1 - rank < size)
-        slots, rows = jnp.where(keep, rank % size, size), jnp.arange(new.valid.shape[0])[:, None]   # `size`: dropped
-        write = lambda b, x: (b.at[rows, :, slots].set(x.transpose(0, 2, 1, 3).astype(b.dtype), mode="drop")
-                              if b.ndim == 4 else b.at[rows, slots].set(x.astype(b.dtype), mode="drop"))
+        # `size`: dropped
+        slots, rows = jnp.where(keep, rank % size, size), \
+            jnp.arange(new.valid.shape[0])[:, None]
+        write = lambda b, x: (
+            b.at[rows, :, slots].set(x.transpose(0, 2, 1, 3).astype(b.dtype), mode="drop")
+            if b.ndim == 4 else b.at[rows, slots].set(x.astype(b.dtype), mode="drop"))
         written = jax.tree.map(write, old, new)
-        if T == 1:                       # the slot it overwrites held a token W real tokens back: out of the window
+        # the slot it overwrites held a token W real tokens back: out of the window
+        if T == 1:
             return written, self._with_layer(layer, written)
-        view = jax.tree.map(lambda b, x: jnp.concatenate([b, x.astype(b.dtype)], axis=_slot_axis(b)), old, new)
-        return view, self._with_layer(layer, written)     # a prompt: attend over the old ring and the new tokens
+        view = jax.tree.map(
+            lambda b, x: jnp.concatenate([b, x.astype(b.dtype)], axis=_slot_axis(b)), old, new)
+        # a prompt: attend over the old ring and the new tokens
+        return view, self._with_layer(layer, written)
 
     def _with_layer(self, layer: int, written: LayerCache) -> "KVCache":
-        return dataclasses.replace(self, layers=tuple(written if i == layer else c for i, c in enumerate(self.layers)))
+        return dataclasses.replace(self, layers=tuple(written if i == layer else c
+                                                      for i, c in enumerate(self.layers)))
 
 # %% ../nbs/03_attention.ipynb #fa88d8de
 class Attention(nnx.Module):
-    """Multi-head / grouped-query / multi-query self-attention with optional RoPE, window, soft-cap and QK-norm."""
+    """Multi-head / grouped-query / multi-query self-attention with optional RoPE, window,
+    soft-cap and QK-norm."""
 
     def __init__(self, *, features: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  qkv_bias: bool = False, out_bias: bool = False, rope: RoPE | None = None,
-                 window: int | None = None, scale: float | None = None, logit_cap: float | None = None,
-                 qk_norm: Callable[[int], nnx.Module] | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 window: int | None = None, scale: float | None = None,
+                 logit_cap: float | None = None,
+                 qk_norm: Callable[[int], nnx.Module] | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.window, self.logit_cap, self.dtype = window, logit_cap, dtype
         self.scale = head_dim ** -0.5 if scale is None else scale
-        self.rope = rope   # static: the frequencies are a NumPy constant of the config, not a parameter
-        linear = lambda i, o, bias: nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # static: the frequencies are a NumPy constant of the config, not a parameter
+        self.rope = rope
+        linear = lambda i, o, bias: nnx.Linear(i, o, use_bias=bias, dtype=dtype,
+                                               param_dtype=param_dtype, rngs=rngs)
         self.q_proj = linear(features, num_heads * head_dim, qkv_bias)
         self.k_proj = linear(features, num_kv_heads * head_dim, qkv_bias)
         self.v_proj = linear(features, num_kv_heads * head_dim, qkv_bias)
@@ -229,9 +274,11 @@ class Attention(nnx.Module):
         self.q_norm = qk_norm(head_dim) if qk_norm else None
         self.k_norm = qk_norm(head_dim) if qk_norm else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array,
+                 cache: KVCache | None = None,
                  layer: int = 0) -> tuple[jax.Array, KVCache | None]:
-        """x [B, T, D], positions and segment ids `valid` [B, T] -> ([B, T, D], cache with this layer's keys)."""
+        """x [B, T, D], positions and segment ids `valid` [B, T] -> ([B, T, D], cache with this
+        layer's keys)."""
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -241,13 +288,15 @@ class Attention(nnx.Module):
         if self.rope is not None:
             inv_freq = self.rope.inverse_frequencies(self.head_dim)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        new = LayerCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),     # head-major [B, K, T, d]
+        # head-major [B, K, T, d]
+        new = LayerCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                          positions.astype(jnp.int32), valid != 0)
         keys, cache = (new, None) if cache is None else cache.update_layer(layer, new)
-        packed = cache is None                                 # a cache holds one document per row
-        mask = make_attention_mask(positions, keys.positions, valid if packed else keys.valid, self.window,
-                                   q_segments=valid if packed else None)
-        out = attend(q, keys.keys, keys.values, mask, scale=self.scale, logit_cap=self.logit_cap)
+        packed = cache is None                             # a cache holds one document per row
+        mask = make_attention_mask(positions, keys.positions, valid if packed else keys.valid,
+                                   self.window, q_segments=valid if packed else None)
+        out = attend(q, keys.keys, keys.values, mask, scale=self.scale,
+                     logit_cap=self.logit_cap)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
 
 # %% ../nbs/03_attention.ipynb #ad5962e9
@@ -258,11 +307,14 @@ class ModelOutput:
 
     logits: jax.Array                                 # float32 [B, T, V]
     cache: KVCache | None = None
-    hidden_states: tuple[jax.Array, ...] | None = None   # L + 1 arrays [B, T, D], as transformers reports them
+    # L + 1 arrays [B, T, D], as transformers reports them
+    hidden_states: tuple[jax.Array, ...] | None = None
 
 
-def segment_ids(attention_mask: jax.Array | None, shape, one_document: bool = False) -> jax.Array:
-    """int32 [B, T]: 0 on padding, the token's document (1, 2, ...) elsewhere; with one_document, 1 for any token."""
+def segment_ids(attention_mask: jax.Array | None, shape,
+                one_document: bool = False) -> jax.Array:
+    """int32 [B, T]: 0 on padding, the token's document (1, 2, ...) elsewhere; with
+    one_document, 1 for any token."""
     if attention_mask is None:
         return jnp.ones(shape, jnp.int32)
     mask = jnp.asarray(attention_mask)
@@ -273,21 +325,28 @@ def segment_ids(attention_mask: jax.Array | None, shape, one_document: bool = Fa
 
 
 def document_positions(segments: jax.Array) -> jax.Array:
-    """Each token's index within its document [B, T]; padding takes the position of the last token before it, or 0
-    (so a row of one document counts as it always has: left padding at 0, then 0, 1, 2, ...)."""
+    """Each token's index within its document [B, T]; padding takes the position of the last
+    token before it, or 0 (so a row of one document counts as it always has: left padding at 0,
+    then 0, 1, 2, ...)."""
     real = segments > 0
-    count = jnp.cumsum(real, axis=-1)                                      # real tokens up to and including t
-    earlier = jnp.concatenate([jnp.zeros_like(segments[:, :1]), jax.lax.cummax(segments, axis=1)[:, :-1]], -1)
-    starts = real & (segments > earlier)                                   # the first token of each document
-    before = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)       # real tokens before its document
-    latest = jax.lax.cummax(jnp.where(real, jnp.arange(segments.shape[1]), -1), axis=1)   # the last real token
+    count = jnp.cumsum(real, axis=-1)                       # real tokens up to and including t
+    earlier = jnp.concatenate(
+        [jnp.zeros_like(segments[:, :1]), jax.lax.cummax(segments, axis=1)[:, :-1]], -1)
+    # the first token of each document
+    starts = real & (segments > earlier)
+    # real tokens before its document
+    before = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)
+    # the last real token
+    latest = jax.lax.cummax(jnp.where(real, jnp.arange(segments.shape[1]), -1), axis=1)
     inside = jnp.take_along_axis(count - 1 - before, jnp.maximum(latest, 0), axis=1)
     return jnp.where(latest >= 0, inside, 0)
 
 
-def prepare_inputs(tokens: jax.Array, positions: jax.Array | None, attention_mask: jax.Array | None,
+def prepare_inputs(tokens: jax.Array, positions: jax.Array | None,
+                   attention_mask: jax.Array | None,
                    cache: KVCache | None) -> tuple[jax.Array, jax.Array, KVCache | None]:
-    """Default positions and segment ids for tokens [B, T]; claims the next T slots of the cache if there is one."""
+    """Default positions and segment ids for tokens [B, T]; claims the next T slots of the
+    cache if there is one."""
     tokens = jnp.asarray(tokens)
     check_inputs(tokens, attention_mask, cache)
     valid = segment_ids(attention_mask, tokens.shape, one_document=cache is not None)
@@ -300,23 +359,28 @@ def prepare_inputs(tokens: jax.Array, positions: jax.Array | None, attention_mas
     return positions, valid, cache
 
 
-REMAT_POLICIES = {   # what a recomputed block keeps for the backward pass, besides its input (chapter 14)
-    "block": jax.checkpoint_policies.nothing_saveable,                # nothing: the whole block runs again
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the projections' outputs
+# what a recomputed block keeps for the backward pass, besides its input (chapter 14)
+REMAT_POLICIES = {
+    # nothing: the whole block runs again
+    "block": jax.checkpoint_policies.nothing_saveable,
+    # the projections' outputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
-def run_blocks(blocks, x: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None,
-               final_norm: Callable[[jax.Array], jax.Array], return_hidden_states: bool = False,
-               remat: str | None = None):
-    """x [B, T, D] through every block, then the final norm -> (x, cache, hidden states or None). With `remat` (a
-    REMAT_POLICIES name) each block's activations are recomputed in the backward pass instead of kept."""
+def run_blocks(blocks, x: jax.Array, positions: jax.Array, valid: jax.Array,
+               cache: KVCache | None, final_norm: Callable[[jax.Array], jax.Array],
+               return_hidden_states: bool = False, remat: str | None = None):
+    """x [B, T, D] through every block, then the final norm -> (x, cache, hidden states or
+    None). With `remat` (a REMAT_POLICIES name) each block's activations are recomputed in the
+    backward pass instead of kept."""
     def call(block, x, positions, valid, cache, layer):
         return block(x, positions, valid, cache, layer)
 
     if remat is not None:
         if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be None or one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+            raise ValueError(f"remat must be None or one of {', '.join(REMAT_POLICIES)}, got "
+                             f"{remat!r}")
         call = nnx.remat(call, policy=REMAT_POLICIES[remat], static_argnums=(5,))
     hidden = [x]
     for layer, block in enumerate(blocks):
@@ -327,8 +391,10 @@ def run_blocks(blocks, x: jax.Array, positions: jax.Array, valid: jax.Array, cac
     return x, cache, (tuple(hidden) if return_hidden_states else None)
 
 
-def model_output(logits: jax.Array, cache: KVCache | None, hidden_states, return_hidden_states: bool):
-    """The convention's return value: the logits alone, or a ModelOutput when a cache or hidden states were asked for."""
+def model_output(logits: jax.Array, cache: KVCache | None, hidden_states,
+                 return_hidden_states: bool):
+    """The convention's return value: the logits alone, or a ModelOutput when a cache or hidden
+    states were asked for."""
     logits = logits.astype(jnp.float32)
     if cache is None and not return_hidden_states:
         return logits
@@ -336,59 +402,67 @@ def model_output(logits: jax.Array, cache: KVCache | None, hidden_states, return
 
 
 def cache_layout(model: nnx.Module) -> CacheLayout:
-    """The cache a model needs: its attention layers' KV heads, head width, compute dtype and windows."""
+    """The cache a model needs: its attention layers' KV heads, head width, compute dtype and
+    windows."""
     layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, Attention)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Attention layers to cache")
     first = layers[0]
-    return CacheLayout(num_kv_heads=first.num_kv_heads, head_dim=first.head_dim, dtype=jnp.dtype(first.dtype),
-                       windows=tuple(m.window for m in layers))
+    return CacheLayout(num_kv_heads=first.num_kv_heads, head_dim=first.head_dim,
+                       dtype=jnp.dtype(first.dtype), windows=tuple(m.window for m in layers))
 
 # %% ../nbs/03_attention.ipynb #a11ebf0f
-def check_inputs(tokens: jax.Array, attention_mask, cache: KVCache | None = None, *, name: str = "tokens",
-                 packed: bool | None = None) -> None:
-    """Refuse tokens that are not integers [B, T], and a mask of another shape, with values other than 0 and 1 or
-    (if `packed`: by default, without a cache) segment ids numbering documents 1, 2, ..., or (no cache) with a row
-    of padding only. Shapes and dtypes always; values only where known (not traced)."""
+def check_inputs(tokens: jax.Array, attention_mask, cache: KVCache | None = None, *,
+                 name: str = "tokens", packed: bool | None = None) -> None:
+    """Refuse tokens that are not integers [B, T], and a mask of another shape, with values
+    other than 0 and 1 or (if `packed`: by default, without a cache) segment ids numbering
+    documents 1, 2, ..., or (no cache) with a row of padding only. Shapes and dtypes always;
+    values only where known (not traced)."""
     if tokens.ndim != 2:
-        raise ValueError(f"{name} must be [batch, length] token ids, got shape {tokens.shape}; for one sequence "
-                         f"pass {name}[None]")
+        raise ValueError(f"{name} must be [batch, length] token ids, got shape "
+                         f"{tokens.shape}; for one sequence pass {name}[None]")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise TypeError(f"{name} must be integer token ids, got {tokens.dtype} values; cast them with "
-                        ".astype(np.int32)")
+        raise TypeError(f"{name} must be integer token ids, got {tokens.dtype} values; cast "
+                        "them with .astype(np.int32)")
     if attention_mask is None:
         return
-    mask = attention_mask if isinstance(attention_mask, jax.Array) else np.asarray(attention_mask)
+    mask = attention_mask if isinstance(attention_mask, jax.Array) else \
+        np.asarray(attention_mask)
     if mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape} but {name} has {tokens.shape}: give one 1 (token) or "
-                         "0 (padding) per token")
+        raise ValueError(f"attention_mask has shape {mask.shape} but {name} has "
+                         f"{tokens.shape}: give one 1 (token) or 0 (padding) per token")
     if not (mask.dtype == bool or jnp.issubdtype(mask.dtype, jnp.number)):
-        raise TypeError(f"attention_mask must hold 1 (token) and 0 (padding), got {mask.dtype} values")
+        raise TypeError("attention_mask must hold 1 (token) and 0 (padding), got "
+                        f"{mask.dtype} values")
     if is_traced(mask):
         return
     values = np.asarray(mask)
     other = values[(values != 0) & (values != 1)]
     if other.size and not (cache is None if packed is None else packed):
-        raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding) here, got {other.flat[0]}: packed "
-                         "documents (segment ids) need a forward without a KV cache, which holds one document per row")
+        raise ValueError("attention_mask must hold only 1 (token) and 0 (padding) here, got "
+                         f"{other.flat[0]}: packed documents (segment ids) need a forward "
+                         "without a KV cache, which holds one document per row")
     if other.size:
         _check_segments(values.astype(np.float64))
     empty = np.flatnonzero(~values.any(-1))
     if cache is None and empty.size:
-        raise ValueError(f"attention_mask row {empty[0]} is all zeros: each row needs at least one token (a 1) to "
-                         "attend to")
+        raise ValueError(f"attention_mask row {empty[0]} is all zeros: each row needs at "
+                         "least one token (a 1) to attend to")
 
 
 def _check_segments(values: np.ndarray) -> None:
-    """Segment ids: whole numbers >= 0 whose nonzero values go 1, then each the same as or one above the last."""
+    """Segment ids: whole numbers >= 0 whose nonzero values go 1, then each the same as or one
+    above the last."""
     bad = values[~(values >= 0) | (values != np.round(values))]    # NaN too
     if bad.size:
-        raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding), or segment ids 1, 2, ... "
-                         f"numbering packed documents, got {bad.flat[0]}")
-    last = np.maximum.accumulate(np.concatenate([np.zeros_like(values[:, :1]), values[:, :-1]], 1), axis=1)
+        raise ValueError("attention_mask must hold only 1 (token) and 0 (padding), or "
+                         "segment ids 1, 2, ... numbering packed documents, got "
+                         f"{bad.flat[0]}")
+    last = np.maximum.accumulate(
+        np.concatenate([np.zeros_like(values[:, :1]), values[:, :-1]], 1), axis=1)
     jumps = (values != 0) & ((values < last) | (values > last + 1))
     if jumps.any():
         row, col = np.argwhere(jumps)[0]
-        raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding), or segment ids that number a "
-                         f"row's documents 1, 2, 3, ... in order: row {row} has {values[row, col]:g} after "
-                         f"{last[row, col]:g}")
+        raise ValueError("attention_mask must hold only 1 (token) and 0 (padding), or "
+                         "segment ids that number a row's documents 1, 2, 3, ... in order: "
+                         f"row {row} has {values[row, col]:g} after {last[row, col]:g}")

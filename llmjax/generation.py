@@ -35,16 +35,19 @@ def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
     """Keep the k largest logits of each row (and any tied with the k-th), -inf elsewhere."""
     if k >= logits.shape[-1]:
         return logits
-    # the barrier stops XLA's CPU compiler from turning top_k + a slice into a sort of the whole row (see below)
+    # the barrier stops XLA's CPU compiler from turning top_k + a slice into a sort of
+    # the whole row (see below)
     kth = jax.lax.optimization_barrier(jax.lax.top_k(logits, k)[0])[..., -1:]
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
 def filter_top_p_reference(logits: jax.Array, p: float) -> jax.Array:
-    """Keep the smallest set of most likely tokens whose probability sums to at least p: the definition, by a sort."""
+    """Keep the smallest set of most likely tokens whose probability sums to at least p: the
+    definition, by a sort."""
     ordered = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(ordered, axis=-1)
-    kept = jnp.cumsum(probs, axis=-1) - probs < p               # the mass before a token is still short of p
+    # the mass before a token is still short of p
+    kept = jnp.cumsum(probs, axis=-1) - probs < p
     threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
@@ -52,62 +55,76 @@ def filter_top_p_reference(logits: jax.Array, p: float) -> jax.Array:
 def filter_min_p(logits: jax.Array, p: float) -> jax.Array:
     """Keep tokens at least p times as likely as the most likely one."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.where(log_probs < jnp.log(p) + log_probs.max(-1, keepdims=True), -jnp.inf, logits)
+    return jnp.where(log_probs < jnp.log(p) + log_probs.max(-1, keepdims=True),
+                     -jnp.inf, logits)
 
 # %% ../nbs/08_generation.ipynb #197e47ed
 CANDIDATES = 256   # how many of the most likely tokens top-p looks at first
 
 
-def candidate_cut(logits: jax.Array, target, candidates: int = CANDIDATES) -> tuple[jax.Array, jax.Array]:
-    """Top-p's threshold among the `candidates` largest logits of one row [V], and whether the cut lies strictly
-    inside them (then it is exact). target = p × the row's total weight, sum(exp(logits - max))."""
+def candidate_cut(logits: jax.Array, target,
+                  candidates: int = CANDIDATES) -> tuple[jax.Array, jax.Array]:
+    """Top-p's threshold among the `candidates` largest logits of one row [V], and whether the
+    cut lies strictly inside them (then it is exact). target = p × the row's total weight,
+    sum(exp(logits - max))."""
     V = logits.shape[-1]
-    top = jax.lax.optimization_barrier(jax.lax.top_k(logits, min(candidates, V))[0])   # see filter_top_k
+    # see filter_top_k
+    top = jax.lax.optimization_barrier(jax.lax.top_k(logits, min(candidates, V))[0])
     weights = jnp.exp(top - top[0])
     cut = top[jnp.sum(jnp.cumsum(weights) - weights < target) - 1]
     return cut, (cut > top[-1]) | (top.shape[0] == V)
 
 # %% ../nbs/08_generation.ipynb #81b7620e
 def float_keys(x: jax.Array) -> jax.Array:
-    """uint32 keys that order like the float32 values x (-0.0 counted as +0.0): set the sign bit of a positive
-    float, flip every bit of a negative one."""
+    """uint32 keys that order like the float32 values x (-0.0 counted as +0.0): set the sign
+    bit of a positive float, flip every bit of a negative one."""
     bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(2**31))
 
 
 def key_floats(keys: jax.Array) -> jax.Array:
     """The float32 values of float_keys' keys."""
-    return jax.lax.bitcast_convert_type(jnp.where(keys >> 31 == 1, keys ^ jnp.uint32(2**31), ~keys), jnp.float32)
+    return jax.lax.bitcast_convert_type(
+        jnp.where(keys >> 31 == 1, keys ^ jnp.uint32(2**31), ~keys), jnp.float32)
 
 
-def mass_cut(logits: jax.Array, weights: jax.Array, target, digits: Sequence[int] = (11, 11, 10)) -> jax.Array:
-    """The largest value t among one row's logits [V] with sum(weights[logits >= t]) >= target, by radix select."""
+def mass_cut(logits: jax.Array, weights: jax.Array, target,
+             digits: Sequence[int] = (11, 11, 10)) -> jax.Array:
+    """The largest value t among one row's logits [V] with sum(weights[logits >= t]) >= target,
+    by radix select."""
     keys = float_keys(logits)
-    prefix, above, low = jnp.uint32(0), jnp.float32(0), 32    # above: the weight of keys past those with `prefix`
+    # above: the weight of keys past those with `prefix`
+    prefix, above, low = jnp.uint32(0), jnp.float32(0), 32
     for width in digits:
-        shares = (keys >> low) == prefix if low < 32 else True            # agrees with the digits fixed so far
+        # agrees with the digits fixed so far
+        shares = (keys >> low) == prefix if low < 32 else True
         low -= width
         digit = ((keys >> low) & (2**width - 1)).astype(jnp.int32)
         mass = jnp.zeros(2**width, jnp.float32).at[digit].add(jnp.where(shares, weights, 0))
         at_or_above = above + jnp.cumsum(mass[::-1])[::-1]
-        d = jnp.maximum(jnp.sum(at_or_above >= target) - 1, 0)           # the largest digit still reaching target
+        # the largest digit still reaching target
+        d = jnp.maximum(jnp.sum(at_or_above >= target) - 1, 0)
         above, prefix = at_or_above[d] - mass[d], prefix << width | d.astype(jnp.uint32)
     return key_floats(prefix)
 
 # %% ../nbs/08_generation.ipynb #c187b850
-MASS_MARGIN = 2.0**-20   # a cut whose masses are closer than this to p is left to the reference (see the chapter)
+# a cut whose masses are closer than this to p is left to the reference (see the chapter)
+MASS_MARGIN = 2.0**-20
 
 
-def nucleus_cut(logits: jax.Array, p: float, candidates: int = CANDIDATES) -> tuple[jax.Array, jax.Array]:
-    """Top-p's threshold for one row [V] (keep logits >= it) and how it was found: 0 among the candidates, 1 by
-    radix select, 2 too close to call in float32 (use filter_top_p_reference)."""
+def nucleus_cut(logits: jax.Array, p: float,
+                candidates: int = CANDIDATES) -> tuple[jax.Array, jax.Array]:
+    """Top-p's threshold for one row [V] (keep logits >= it) and how it was found: 0 among the
+    candidates, 1 by radix select, 2 too close to call in float32 (use
+    filter_top_p_reference)."""
     weights = jnp.exp(logits - logits.max())
     total = weights.sum()
     cut, inside = candidate_cut(logits, p * total, candidates)
     cut = jax.lax.cond(inside, lambda: cut, lambda: mass_cut(logits, weights, p * total))
     above = jnp.sum(jnp.where(logits > cut, weights, 0))
     at_or_above = jnp.sum(jnp.where(logits >= cut, weights, 0))
-    certain = (((above == 0) | (above < (p - MASS_MARGIN) * total)) & (at_or_above >= (p + MASS_MARGIN) * total))
+    certain = (((above == 0) | (above < (p - MASS_MARGIN) * total))
+               & (at_or_above >= (p + MASS_MARGIN) * total))
     return cut, jnp.where(certain, jnp.where(inside, 0, 1), 2)
 
 
@@ -122,13 +139,14 @@ def filter_top_p(logits: jax.Array, p: float, candidates: int = CANDIDATES) -> j
 
 # %% ../nbs/08_generation.ipynb #422a0c37
 def categorical(key: jax.Array, logits: jax.Array, block: int = 512) -> jax.Array:
-    """One token drawn from softmax(logits) of one row [V]: a block of `block` tokens by its total probability,
-    then a token inside it."""
+    """One token drawn from softmax(logits) of one row [V]: a block of `block` tokens by its
+    total probability, then a token inside it."""
     V = logits.shape[-1]
     blocks = jnp.pad(logits, (0, -V % block), constant_values=-jnp.inf).reshape(-1, block)
     block_key, token_key = jax.random.split(key)
     chosen = jax.random.categorical(block_key, jax.nn.logsumexp(blocks, axis=-1))
-    return (chosen * block + jax.random.categorical(token_key, blocks[chosen])).astype(jnp.int32)
+    return (chosen * block
+            + jax.random.categorical(token_key, blocks[chosen])).astype(jnp.int32)
 
 # %% ../nbs/08_generation.ipynb #1f1c72bd
 def check_count(name: str, value, low: int = 1) -> None:
@@ -139,14 +157,17 @@ def check_count(name: str, value, low: int = 1) -> None:
         raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
-def check_number(name: str, value, *, low: float, high: float = math.inf, open_low: bool = False,
-                 hint: str = "") -> None:
+def check_number(name: str, value, *, low: float, high: float = math.inf,
+                 open_low: bool = False, hint: str = "") -> None:
     """Refuse anything but a finite real number in [low, high] ((low, high] with open_low)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
-        where = f"in {'(' if open_low else '['}{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
-        raise ValueError(f"{name} must be a finite number {where}" + (f" ({hint})" if hint else "") + f", got {value}")
+    if not (math.isfinite(value) and (value > low if open_low else value >= low)
+            and value <= high):
+        where = f"in {'(' if open_low else '['}{low:g}, {high:g}]" if math.isfinite(high) \
+            else f">= {low:g}"
+        raise ValueError(f"{name} must be a finite number "
+                         f"{where}" + (f" ({hint})" if hint else "") + f", got {value}")
 
 
 def check_seed(seed) -> None:
@@ -154,27 +175,30 @@ def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")
     if not -2**31 <= seed < 2**32:
-        raise ValueError(f"seed must fit in 32 bits (-2**31 <= seed < 2**32), got {seed}; use seed % 2**32")
+        raise ValueError(f"seed must fit in 32 bits (-2**31 <= seed < 2**32), got {seed}; use "
+                         "seed % 2**32")
 
 
 def check_token_id(name: str, value, vocab_size: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int token id, got {value!r}")
     if not 0 <= value < vocab_size:
-        raise ValueError(f"{name} {value} is not a token id of this model: its vocabulary has {vocab_size} "
-                         f"ids (0..{vocab_size - 1})")
+        raise ValueError(f"{name} {value} is not a token id of this model: its vocabulary has "
+                         f"{vocab_size} ids (0..{vocab_size - 1})")
 
 
 def check_token_ids(name: str, values, vocab_size: int) -> None:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise TypeError(f"{name} must be a list of token ids, got {values!r}; for one id pass [id]")
+        raise TypeError(f"{name} must be a list of token ids, got {values!r}; for one id "
+                        "pass [id]")
     for value in values:
         check_token_id(f"{name} entry", value, vocab_size)
 
 # %% ../nbs/08_generation.ipynb #cce3c9a8
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How to pick tokens; temperature 0 is greedy. Static under jit: each setting compiles once."""
+    """How to pick tokens; temperature 0 is greedy. Static under jit: each setting compiles
+    once."""
 
     temperature: float = 0.0
     top_k: int | None = None
@@ -186,7 +210,8 @@ class Sampling:
         if self.top_k is not None:
             check_count("top_k", self.top_k)
         if self.top_p is not None:
-            check_number("top_p", self.top_p, low=0.0, high=1.0, open_low=True, hint="1 keeps every token")
+            check_number("top_p", self.top_p, low=0.0, high=1.0, open_low=True,
+                         hint="1 keeps every token")
         if self.min_p is not None:
             check_number("min_p", self.min_p, low=0.0, high=1.0, hint="0 keeps every token")
 
@@ -206,7 +231,8 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     return jax.vmap(categorical)(keys, logits)
 
 # %% ../nbs/08_generation.ipynb #df16ddf1
-PROMPT_BUCKET, CACHE_BUCKET, DECODE_CHUNK, STREAM_CHUNK = 16, 64, 16, 4   # smallest buckets; chunk sizes
+# smallest buckets; chunk sizes
+PROMPT_BUCKET, CACHE_BUCKET, DECODE_CHUNK, STREAM_CHUNK = 16, 64, 16, 4
 
 
 def bucket(n: int, smallest: int) -> int:
@@ -214,7 +240,8 @@ def bucket(n: int, smallest: int) -> int:
     return max(smallest, 1 << (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"),
+                   donate_argnames=("cache",))
 def _prefill(graphdef, state, tokens, attention_mask, cache, *, sampling: Sampling, key):
     out = nnx.merge(graphdef, state)(tokens, attention_mask=attention_mask, cache=cache)
     logits = out.logits[:, -1]
@@ -234,10 +261,11 @@ class DecodeState:
 # %% ../nbs/08_generation.ipynb #ad16d90a
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "sampling", "logits_width"),
                    donate_argnames=("carry",))
-def _decode_chunk(graphdef, state, carry: DecodeState, *, chunk: int, sampling: Sampling, logits_width: int, stop,
-                  pad_id, key):
-    """Up to `chunk` decode steps in one while_loop -> (the new carry, the tokens [B, chunk] (pad after a row is
-    done), their logits [B, chunk, V] if logits_width (= V) is not 0, how many steps ran)."""
+def _decode_chunk(graphdef, state, carry: DecodeState, *, chunk: int, sampling: Sampling,
+                  logits_width: int, stop, pad_id, key):
+    """Up to `chunk` decode steps in one while_loop -> (the new carry, the tokens [B, chunk]
+    (pad after a row is done), their logits [B, chunk, V] if logits_width (= V) is not 0, how
+    many steps ran)."""
     B = carry.token.shape[0]
 
     def cond(c):
@@ -248,11 +276,13 @@ def _decode_chunk(graphdef, state, carry: DecodeState, *, chunk: int, sampling: 
         i, now, out_tokens, out_logits = c
         result = nnx.merge(graphdef, state)(now.token[:, None], cache=now.cache)
         logits = result.logits[:, -1]
-        new = jnp.where(now.done, pad_id, sample(logits, jax.random.fold_in(key, now.step + i + 1), sampling))
+        new = jnp.where(now.done, pad_id,
+                        sample(logits, jax.random.fold_in(key, now.step + i + 1), sampling))
         out_tokens = out_tokens.at[:, i].set(new)
         if logits_width:
             out_logits = out_logits.at[:, i].set(logits)
-        # a finished row keeps running (shapes are fixed) on token 0: the pad id need not be in the vocabulary
+        # a finished row keeps running (shapes are fixed) on token 0: the pad id
+        # need not be in the vocabulary
         now = dataclasses.replace(now, cache=result.cache, token=jnp.where(now.done, 0, new),
                                   done=now.done | jnp.isin(new, stop))
         return i + 1, now, out_tokens, out_logits
@@ -267,49 +297,59 @@ def stop_token_ids(model, stop_ids: Sequence[int] | None = None) -> list[int]:
     return sorted(set(getattr(model.config, "eos_token_ids", ())) | set(stop_ids or ()))
 
 
-def stream_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int, sampling: Sampling = Sampling(),
-               seed: int = 0, stop_ids: Sequence[int] = (), pad_id: int = 0, chunk: int = DECODE_CHUNK,
+def stream_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int,
+               sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] = (),
+               pad_id: int = 0, chunk: int = DECODE_CHUNK,
                with_logits: bool = False) -> Iterator:
-    """Yield (tokens [B, n], logits [B, n, V] or None) for successive runs of new tokens, n >= 1 each, until
-    max_new_tokens are made or every row has emitted one of stop_ids (after which a row gets pad_id). The prompt,
-    max_new_tokens and seed are checked at the call, before anything runs."""
+    """Yield (tokens [B, n], logits [B, n, V] or None) for successive runs of new tokens, n >=
+    1 each, until max_new_tokens are made or every row has emitted one of stop_ids (after which
+    a row gets pad_id). The prompt, max_new_tokens and seed are checked at the call, before
+    anything runs."""
     input_ids, mask = check_prompt(model, input_ids, attention_mask, max_new_tokens)
     check_seed(seed)
-    return _stream_ids(model, input_ids, mask, int(max_new_tokens), sampling, int(seed), stop_ids, pad_id, chunk,
-                       with_logits)
+    return _stream_ids(model, input_ids, mask, int(max_new_tokens), sampling, int(seed),
+                       stop_ids, pad_id, chunk, with_logits)
 
 
-def _stream_ids(model, input_ids, mask, max_new_tokens, sampling, seed, stop_ids, pad_id, chunk, with_logits):
+def _stream_ids(model, input_ids, mask, max_new_tokens, sampling, seed, stop_ids, pad_id,
+                chunk, with_logits):
     B, T = input_ids.shape
     padded = bucket(T, PROMPT_BUCKET)
-    tokens = np.concatenate([np.zeros((B, padded - T), np.int32), input_ids], axis=1)   # masked: any valid id
+    # masked: any valid id
+    tokens = np.concatenate([np.zeros((B, padded - T), np.int32), input_ids], axis=1)
     mask = np.concatenate([np.zeros((B, padded - T), np.int32), mask], axis=1)
-    cache = KVCache.create(cache_layout(model), batch=B, capacity=bucket(padded + max_new_tokens, CACHE_BUCKET))
+    cache = KVCache.create(cache_layout(model), batch=B,
+                           capacity=bucket(padded + max_new_tokens, CACHE_BUCKET))
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    token, logits, cache = _prefill(graphdef, state, tokens, mask, cache, sampling=sampling, key=key)
+    token, logits, cache = _prefill(graphdef, state, tokens, mask, cache,
+                                    sampling=sampling, key=key)
     done = jnp.isin(token, stop)
     yield token[:, None], (logits[:, None] if with_logits else None)
     made = 1
     carry = DecodeState(cache, jnp.where(done, 0, token), done, jnp.int32(0))
     while made < max_new_tokens and not bool(jnp.all(carry.done)):
         carry, out, out_logits, ran = _decode_chunk(
-            graphdef, state, carry, chunk=chunk, sampling=sampling, logits_width=logits.shape[-1] if with_logits else 0,
+            graphdef, state, carry, chunk=chunk, sampling=sampling,
+            logits_width=logits.shape[-1] if with_logits else 0,
             stop=stop, pad_id=jnp.int32(pad_id), key=key)
         n = min(int(ran), max_new_tokens - made)
         yield out[:, :n], (out_logits[:, :n] if with_logits else None)
         made += n
 
 # %% ../nbs/08_generation.ipynb #06772037
-def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_ids: Sequence[int] | None = None, *, min_p: float | None = None, pad_id: int | None = None,
-                 return_logits: bool = False):
-    """The prompt followed by exactly max_new_tokens tokens per row: int32 [B, T + max_new_tokens].
+def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0,
+                 stop_ids: Sequence[int] | None = None, *, min_p: float | None = None,
+                 pad_id: int | None = None, return_logits: bool = False):
+    """The prompt followed by exactly max_new_tokens tokens per row: int32 [B, T +
+    max_new_tokens].
 
-    A row that emits a stop id (the model's EOS ids, plus `stop_ids`) is filled with `pad_id` (default: the first
-    stop id) after it. With return_logits, also the logits that chose each new token, [B, max_new_tokens, V]."""
+    A row that emits a stop id (the model's EOS ids, plus `stop_ids`) is filled with `pad_id`
+    (default: the first stop id) after it. With return_logits, also the logits that chose each
+    new token, [B, max_new_tokens, V]."""
     sampling = Sampling(temperature, top_k, top_p, min_p)
     if stop_ids is not None:
         check_token_ids("stop_ids", stop_ids, model.config.vocab_size)
@@ -318,9 +358,9 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens: int = 32
     stops = stop_token_ids(model, stop_ids)
     pad_id = pad_id if pad_id is not None else (stops[0] if stops else 0)
     pieces, logits = [], []
-    for tokens, chunk_logits in stream_ids(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                           sampling=sampling, seed=seed, stop_ids=stops, pad_id=pad_id,
-                                           with_logits=return_logits):
+    for tokens, chunk_logits in stream_ids(
+            model, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampling=sampling,
+            seed=seed, stop_ids=stops, pad_id=pad_id, with_logits=return_logits):
         pieces.append(np.asarray(tokens))
         if return_logits:
             logits.append(np.asarray(chunk_logits))
@@ -336,46 +376,55 @@ def _rectangular(name: str, value) -> np.ndarray:
     try:
         return np.asarray(value)
     except ValueError:   # NumPy refuses rows of different lengths
-        raise ValueError(f"{name} must be a rectangular [batch, length] array: left-pad the shorter rows (and mask "
-                         "the padding with attention_mask)") from None
+        raise ValueError(f"{name} must be a rectangular [batch, length] array: left-pad the "
+                         "shorter rows (and mask the padding with attention_mask)") from None
 
 
-def check_prompt(model, input_ids, attention_mask, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """The prompt as int32 ids and mask [B, T], once they are known to fit the model: integer ids in its vocabulary,
-    a 0/1 mask of their shape with a token in every row, and room for max_new_tokens in its context."""
+def check_prompt(model, input_ids, attention_mask,
+                 max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt as int32 ids and mask [B, T], once they are known to fit the model: integer
+    ids in its vocabulary, a 0/1 mask of their shape with a token in every row, and room for
+    max_new_tokens in its context."""
     check_count("max_new_tokens", max_new_tokens)
     ids = _rectangular("input_ids", input_ids)
-    mask = np.ones(ids.shape, np.int32) if attention_mask is None else _rectangular("attention_mask", attention_mask)
+    mask = np.ones(ids.shape, np.int32) if attention_mask is None else \
+        _rectangular("attention_mask", attention_mask)
     if ids.ndim == 2 and ids.size == 0:
-        raise ValueError(f"input_ids has shape {ids.shape}: give at least one prompt of at least one token")
+        raise ValueError(f"input_ids has shape {ids.shape}: give at least one prompt of at "
+                         "least one token")
     check_inputs(ids, mask, name="input_ids")
     vocab, low, high = model.config.vocab_size, int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab:
-        raise ValueError(f"input_ids holds token id {high if high >= vocab else low}, outside the model's vocabulary "
-                         f"of {vocab} ids (0..{vocab - 1}): encode the prompt with the model's own tokenizer")
+        raise ValueError(f"input_ids holds token id {high if high >= vocab else low}, outside "
+                         f"the model's vocabulary of {vocab} ids (0..{vocab - 1}): encode the "
+                         "prompt with the model's own tokenizer")
     longest, context = int(mask.astype(bool).sum(-1).max()), model.config.context_length
     if longest + max_new_tokens > context:
-        raise ValueError(f"the prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) is "
-                         f"{longest + max_new_tokens} tokens, past the model's context_length of {context}: shorten "
+        raise ValueError(f"the prompt ({longest} tokens) plus max_new_tokens "
+                         f"({max_new_tokens}) is {longest + max_new_tokens} tokens, past the "
+                         f"model's context_length of {context}: shorten "
                          "the prompt or lower max_new_tokens")
     return ids.astype(np.int32), mask.astype(np.int32)
 
 # %% ../nbs/08_generation.ipynb #eccc0775
-def generate(model, tokenizer, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, stream: bool = False, *, min_p: float | None = None,
+def generate(model, tokenizer, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stream: bool = False, *, min_p: float | None = None,
              stop_ids: Sequence[int] | None = None):
-    """Continuations of `prompts` (a string or a list) as a list of strings, or, with stream=True and one prompt,
-    an iterator of text pieces as they are made."""
+    """Continuations of `prompts` (a string or a list) as a list of strings, or, with
+    stream=True and one prompt, an iterator of text pieces as they are made."""
     sampling = Sampling(temperature, top_k, top_p, min_p)
     vocab = model.config.vocab_size
     if stop_ids is not None:
         check_token_ids("stop_ids", stop_ids, vocab)
-    for name, token in [("eos_token_id", tokenizer.eos_token_id), ("pad_token_id", tokenizer.pad_token_id)]:
+    for name, token in [("eos_token_id", tokenizer.eos_token_id),
+                        ("pad_token_id", tokenizer.pad_token_id)]:
         if token is not None:
             check_token_id(f"the tokenizer's {name}", token, vocab)
     if stream:
         if not isinstance(prompts, str):
-            raise ValueError(f"stream=True takes one prompt (a string), got {type(prompts).__name__}: pass one string, "
+            raise ValueError("stream=True takes one prompt (a string), got "
+                             f"{type(prompts).__name__}: pass one string, "
                              "or drop stream=True for a list")
         return stream_text(model, tokenizer, prompts, max_new_tokens, sampling, seed, stop_ids)
     prompts = _prompt_list(prompts)
@@ -386,15 +435,17 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 32, temperature: f
     return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
 
 # %% ../nbs/08_generation.ipynb #08edaebe
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sampling, seed: int = 0,
-                stop_ids: Sequence[int] | None = None, on_token=None) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text pieces; `on_token(id)` is called for every token made. The prompt
-    is encoded and checked at the call, before the first piece is asked for."""
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sampling,
+                seed: int = 0, stop_ids: Sequence[int] | None = None,
+                on_token=None) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces; `on_token(id)` is called for every
+    token made. The prompt is encoded and checked at the call, before the first piece is asked
+    for."""
     pad_id = _pad_id(tokenizer, model)
     stops = _text_stops(model, tokenizer, stop_ids)
     ids, mask = _encode(tokenizer, [prompt], pad_id)
-    tokens = stream_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                        stop_ids=stops, pad_id=pad_id, chunk=STREAM_CHUNK)
+    tokens = stream_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling,
+                        seed=seed, stop_ids=stops, pad_id=pad_id, chunk=STREAM_CHUNK)
     return _text_pieces(tokenizer, tokens, stops, on_token)
 
 
@@ -409,7 +460,8 @@ def _text_pieces(tokenizer, tokens: Iterator, stops: Sequence[int], on_token) ->
                 break
             made.append(token)
         text = tokenizer.decode(made, skip_special_tokens=True)
-        if len(text) > len(emitted) and (stopped or not text.endswith("\ufffd")):   # wait for a split character's rest
+        # wait for a split character's rest
+        if len(text) > len(emitted) and (stopped or not text.endswith("\ufffd")):
             yield text[len(emitted):]
             emitted = text
         if stopped:
@@ -417,7 +469,8 @@ def _text_pieces(tokenizer, tokens: Iterator, stops: Sequence[int], on_token) ->
 
 # %% ../nbs/08_generation.ipynb #a051ecad
 def _text_stops(model, tokenizer, stop_ids: Sequence[int] | None = None) -> list[int]:
-    """Stop ids for text generation: the model's EOS ids, the tokenizer's EOS and any asked for."""
+    """Stop ids for text generation: the model's EOS ids, the tokenizer's EOS and any asked
+    for."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return stop_token_ids(model, [*eos, *(stop_ids or ())])
 
@@ -433,7 +486,8 @@ def _encode(tokenizer, prompts: Sequence[str], pad_id: int):
     rows = [tokenizer(p)["input_ids"] for p in prompts]
     for i, row in enumerate(rows):
         if not row:
-            raise ValueError(f"prompt {i} ({prompts[i]!r}) is empty after tokenization: give every prompt some text")
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) is empty after tokenization: give "
+                             "every prompt some text")
     T = max(len(r) for r in rows)
     ids = np.array([[pad_id] * (T - len(r)) + r for r in rows], np.int32)
     mask = np.array([[0] * (T - len(r)) + [1] * len(r) for r in rows], np.int32)
@@ -444,23 +498,27 @@ def _prompt_list(prompts) -> list[str]:
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, bytes) or not isinstance(prompts, Iterable):
-        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+        raise TypeError("prompts must be a string or a list of strings, got "
+                        f"{type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is an empty list: give at least one prompt")
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
-            raise TypeError(f"prompts[{i}] is a {type(prompt).__name__}, not a string: every prompt must be text")
+            raise TypeError(f"prompts[{i}] is a {type(prompt).__name__}, not a string: every "
+                            "prompt must be text")
     return prompts
 
 # %% ../nbs/08_generation.ipynb #bf2aa990
-COMPILED_PROGRAMS_BYTES = 2**30   # the most disk compiled programs may take; the least recently used go first
+# the most disk compiled programs may take; the least recently used go first
+COMPILED_PROGRAMS_BYTES = 2**30
 
 
 def compilation_cache(path=None) -> Path | None:
-    """Keep compiled programs in `path` (default: llmjax's cache folder / 'xla'), so that the next process reads them
-    instead of compiling again. Damaged entries are removed first. A folder that can't be made or written, or that
-    someone else may write to, costs a warning and no cache. Returns the folder in use, or None."""
+    """Keep compiled programs in `path` (default: llmjax's cache folder / 'xla'), so that the
+    next process reads them instead of compiling again. Damaged entries are removed first. A
+    folder that can't be made or written, or that someone else may write to, costs a warning
+    and no cache. Returns the folder in use, or None."""
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
     try:
@@ -471,12 +529,14 @@ def compilation_cache(path=None) -> Path | None:
             raise PermissionError(13, "not writable")
     except (OSError, ValueError) as error:
         reason = getattr(error, "strerror", None) or str(error)
-        warnings.warn(f"compiled programs are not kept on disk: {path or 'the cache folder'} can't be used ({reason}); "
-                      "set LLMJAX_CACHE to a folder you can write", stacklevel=2)
+        warnings.warn(f"compiled programs are not kept on disk: {path or 'the cache folder'} "
+                      f"can't be used ({reason}); set LLMJAX_CACHE to a folder you can write",
+                      stacklevel=2)
         return None
     if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
-        warnings.warn(f"compiled programs are not kept in {folder}: someone else owns it or may write to it, and a "
-                      "program in it would run as you; use a folder only you can write (chmod go-w)", stacklevel=2)
+        warnings.warn(f"compiled programs are not kept in {folder}: someone else owns it or "
+                      "may write to it, and a program in it would run as you; use a folder "
+                      "only you can write (chmod go-w)", stacklevel=2)
         return None
     for entry in folder.glob("*-cache"):
         if not _whole_stream(entry):
@@ -489,8 +549,9 @@ def compilation_cache(path=None) -> Path | None:
 # %% ../nbs/08_generation.ipynb #8b4fcb5b
 @contextlib.contextmanager
 def compiled_on_disk(path=None):
-    """`compilation_cache` for the length of a `with` block, which yields its folder (or None); the process's own
-    setting is restored after it, so a caller's JAX is left as it was found."""
+    """`compilation_cache` for the length of a `with` block, which yields its folder (or None);
+    the process's own setting is restored after it, so a caller's JAX is left as it was
+    found."""
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
     previous = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
@@ -503,13 +564,13 @@ def compiled_on_disk(path=None):
 
 # %% ../nbs/08_generation.ipynb #2ed92df7
 def _whole_stream(entry: Path) -> bool:
-    """Whether a cache entry is one complete compressed stream (zlib, or zstd where zstandard can read it); an
-    entry in a format llmjax doesn't know is left to JAX."""
+    """Whether a cache entry is one complete compressed stream (zlib, or zstd where zstandard
+    can read it); an entry in a format llmjax doesn't know is left to JAX."""
     try:
         with open(entry, "rb") as file:
             head = file.read(4)
             file.seek(0)
-            if not head:                                                   # cut before its first byte
+            if not head:                                            # cut before its first byte
                 return False
             if head[:1] == b"\x78":                                        # zlib
                 stream = zlib.decompressobj()

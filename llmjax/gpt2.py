@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from .attention import Attention, model_output, prepare_inputs, run_blocks
-from .checkpoints import CheckpointError, KeyMap, Rule, Transform, hf_eos_ids, hf_fields, load_hf_directory
+from .checkpoints import (CheckpointError, KeyMap, Rule, Transform, hf_eos_ids,
+                                hf_fields, load_hf_directory)
 from .layers import MLP, Embedding, LayerNorm
 
 # %% ../nbs/06_gpt2.ipynb #ed6530de
@@ -58,18 +59,21 @@ class GPT2Config:
 
     @classmethod
     def tiny(cls):
-        return cls(vocab_size=257, n_positions=61, n_embd=35, n_layer=3, n_head=5, n_inner=83, eos_token_ids=(256,))
+        return cls(vocab_size=257, n_positions=61, n_embd=35, n_layer=3, n_head=5, n_inner=83,
+                   eos_token_ids=(256,))
 
 # %% ../nbs/06_gpt2.ipynb #c455e46b
 class GPT2Block(nnx.Module):
-    def __init__(self, config: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         D, H = config.n_embd, config.n_head
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         self.ln_1 = LayerNorm(D, eps=config.layer_norm_epsilon, **dtypes)
-        self.attn = Attention(features=D, num_heads=H, num_kv_heads=H, head_dim=D // H, qkv_bias=True,
-                              out_bias=True, **dtypes, rngs=rngs)
+        self.attn = Attention(features=D, num_heads=H, num_kv_heads=H, head_dim=D // H,
+                              qkv_bias=True, out_bias=True, **dtypes, rngs=rngs)
         self.ln_2 = LayerNorm(D, eps=config.layer_norm_epsilon, **dtypes)
-        self.mlp = MLP(D, config.mlp_width, activation=config.activation_function, **dtypes, rngs=rngs)
+        self.mlp = MLP(D, config.mlp_width, activation=config.activation_function,
+                       **dtypes, rngs=rngs)
 
     def __call__(self, x, positions, valid, cache, layer):
         h, cache = self.attn(self.ln_1(x), positions, valid, cache, layer)
@@ -78,25 +82,32 @@ class GPT2Block(nnx.Module):
 
 
 class GPT2(nnx.Module):
-    """GPT-2: learned positions, pre-norm blocks of multi-head attention and a GELU MLP, tied output embedding."""
+    """GPT-2: learned positions, pre-norm blocks of multi-head attention and a GELU MLP, tied
+    output embedding."""
 
-    def __init__(self, config: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.config = config
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         self.wte = Embedding(config.vocab_size, config.n_embd, **dtypes, rngs=rngs)
         self.wpe = Embedding(config.n_positions, config.n_embd, **dtypes, rngs=rngs)
-        self.h = nnx.List([GPT2Block(config, **dtypes, rngs=rngs) for _ in range(config.n_layer)])
+        self.h = nnx.List(
+            [GPT2Block(config, **dtypes, rngs=rngs) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, **dtypes)
-        self.remat = None   # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
+        # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
+        self.remat = None
 
-    def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None, return_hidden_states=False):
+    def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None,
+                 return_hidden_states=False):
         positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
         x = self.wte(tokens) + self.wpe(positions)
-        x, cache, hidden = run_blocks(self.h, x, positions, valid, cache, self.ln_f, return_hidden_states, self.remat)
+        x, cache, hidden = run_blocks(self.h, x, positions, valid, cache, self.ln_f,
+                                      return_hidden_states, self.remat)
         return model_output(self.wte.attend(x), cache, hidden, return_hidden_states)
 
 # %% ../nbs/06_gpt2.ipynb #5fa5b128
-split_qkv = Transform(lambda w: tuple(jnp.split(w, 3, axis=-1)),      # c_attn's [.., 3D] (Conv1D: already [in, out])
+# c_attn's [.., 3D] (Conv1D: already [in, out])
+split_qkv = Transform(lambda w: tuple(jnp.split(w, 3, axis=-1)),
                       lambda q, k, v: np.concatenate([q, k, v], axis=-1))
 
 
@@ -106,52 +117,63 @@ KEY_MAP = KeyMap(
         Rule("wpe.weight", ("wpe.embedding",)),
         Rule("ln_f.weight", ("ln_f.scale",)),
         Rule("ln_f.bias", ("ln_f.bias",)),
-        *(Rule(f"h.{{i}}.{ln}.{p}", (f"h.{{i}}.{ln}.{q}",)) for ln in ("ln_1", "ln_2") for p, q in [("weight", "scale"), ("bias", "bias")]),
-        Rule("h.{i}.attn.c_attn.weight", tuple(f"h.{{i}}.attn.{p}_proj.kernel" for p in "qkv"), split_qkv),
-        Rule("h.{i}.attn.c_attn.bias", tuple(f"h.{{i}}.attn.{p}_proj.bias" for p in "qkv"), split_qkv),
+        *(Rule(f"h.{{i}}.{ln}.{p}", (f"h.{{i}}.{ln}.{q}",)) for ln in ("ln_1", "ln_2")
+          for p, q in [("weight", "scale"), ("bias", "bias")]),
+        Rule("h.{i}.attn.c_attn.weight",
+             tuple(f"h.{{i}}.attn.{p}_proj.kernel" for p in "qkv"), split_qkv),
+        Rule("h.{i}.attn.c_attn.bias",
+             tuple(f"h.{{i}}.attn.{p}_proj.bias" for p in "qkv"), split_qkv),
         Rule("h.{i}.attn.c_proj.weight", ("h.{i}.attn.o_proj.kernel",)),
         Rule("h.{i}.attn.c_proj.bias", ("h.{i}.attn.o_proj.bias",)),
-        *(Rule(f"h.{{i}}.mlp.{m}.{p}", (f"h.{{i}}.mlp.{m}.{q}",)) for m in ("c_fc", "c_proj") for p, q in [("weight", "kernel"), ("bias", "bias")]),
+        *(Rule(f"h.{{i}}.mlp.{m}.{p}", (f"h.{{i}}.mlp.{m}.{q}",)) for m in ("c_fc", "c_proj")
+          for p, q in [("weight", "kernel"), ("bias", "bias")]),
     ),
     ignore=("h.{i}.attn.bias", "h.{i}.attn.masked_bias", "lm_head.weight"),
     prefix="transformer.",
 )
 
 
-UNSUPPORTED = {"scale_attn_weights": False, "scale_attn_by_inverse_layer_idx": True, "add_cross_attention": True,
-               "tie_word_embeddings": False}
+UNSUPPORTED = {"scale_attn_weights": False, "scale_attn_by_inverse_layer_idx": True,
+               "add_cross_attention": True, "tie_word_embeddings": False}
 
 
 def config_from_hf(hf: dict) -> GPT2Config:
-    """A transformers GPT-2 config.json as a GPT2Config; refuses variants llmjax doesn't implement."""
+    """A transformers GPT-2 config.json as a GPT2Config; refuses variants llmjax doesn't
+    implement."""
     for key, value in UNSUPPORTED.items():
         if hf.get(key, not value) == value:
             raise CheckpointError(f"GPT-2 with {key}={value} is not supported by llmjax")
-    return GPT2Config(**hf_fields(GPT2Config, hf, skip={"eos_token_ids"}), eos_token_ids=hf_eos_ids(hf, (50256,)))
+    return GPT2Config(**hf_fields(GPT2Config, hf, skip={"eos_token_ids"}),
+                      eos_token_ids=hf_eos_ids(hf, (50256,)))
 
 
 def config_to_hf(config: GPT2Config) -> dict:
     """The config.json transformers writes for `config` (the inverse of `config_from_hf`)."""
     eos = config.eos_token_ids[0] if config.eos_token_ids else None
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "eos_token_ids"}
+    fields = {f.name: getattr(config, f.name)
+              for f in dataclasses.fields(config) if f.name != "eos_token_ids"}
     return fields | {"model_type": "gpt2", "eos_token_id": eos, "bos_token_id": eos}
 
 
 def from_hf_directory(directory, dtype="float32", param_dtype=None) -> GPT2:
-    """A GPT-2 from a Hugging Face directory (config.json + safetensors), built abstractly and filled tensor by tensor."""
-    return load_hf_directory(GPT2, config_from_hf, lambda config: KEY_MAP, directory, dtype, param_dtype)
+    """A GPT-2 from a Hugging Face directory (config.json + safetensors), built abstractly and
+    filled tensor by tensor."""
+    return load_hf_directory(GPT2, config_from_hf, lambda config: KEY_MAP, directory, dtype,
+                             param_dtype)
 
 # %% ../nbs/06_gpt2.ipynb #8e5fe2bb
 def tokenizer_from_files(vocab_file, merges_file):
-    """GPT-2's byte-level BPE tokenizer from OpenAI's encoder.json (= vocab.json) and vocab.bpe (= merges.txt)."""
+    """GPT-2's byte-level BPE tokenizer from OpenAI's encoder.json (= vocab.json) and vocab.bpe
+    (= merges.txt)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
     lines = Path(merges_file).read_text(encoding="utf-8").split("\n")
-    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    merges = [tuple(line.split(" "))
+              for line in lines if line and not line.startswith("#version")]
     bpe = Tokenizer(models.BPE(vocab, merges))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")

@@ -17,54 +17,65 @@ from flax import nnx
 
 # %% ../nbs/02_layers.ipynb #25b3f027
 class Embedding(nnx.Module):
-    """A [V, D] lookup table. `attend` reuses it as the tied output projection [.., D] -> [.., V]."""
+    """A [V, D] lookup table. `attend` reuses it as the tied output projection [.., D] -> [..,
+    V]."""
 
-    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.normal(stddev=0.02)
         self.dtype = dtype
-        self.embedding = nnx.Param(init(rngs.params(), (num_embeddings, features), param_dtype))
+        self.embedding = nnx.Param(
+            init(rngs.params(), (num_embeddings, features), param_dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         check_ids(ids, self.embedding.shape[0])
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype),
+                          self.embedding[...].astype(self.dtype))
 
 # %% ../nbs/02_layers.ipynb #e91b8fe3
 def is_traced(x) -> bool:
-    """True while jit, vmap or eval_shape traces x: its shape and dtype are known, its values are not."""
+    """True while jit, vmap or eval_shape traces x: its shape and dtype are known, its values
+    are not."""
     return isinstance(x, jax.core.Tracer)
 
 
 def check_ids(ids, size: int) -> None:
-    """Refuse ids that are not integers and, where their values are known (not traced), ids outside [0, size)."""
+    """Refuse ids that are not integers and, where their values are known (not traced), ids
+    outside [0, size)."""
     dtype = ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
     if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"embedding ids must be integers, got {dtype} values; cast token ids with .astype(np.int32)")
+        raise TypeError(f"embedding ids must be integers, got {dtype} values; cast token ids "
+                        "with .astype(np.int32)")
     if is_traced(ids) or np.size(ids) == 0:
         return
     values = ids if isinstance(ids, jax.Array) else np.asarray(ids)
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= size:
-        raise ValueError(f"id {high if high >= size else low} is out of range for an embedding of {size} rows "
-                         f"(0..{size - 1}): token ids must be below the vocabulary size, learned positions below "
-                         "the context length")
+        raise ValueError(f"id {high if high >= size else low} is out of range for an "
+                         f"embedding of {size} rows (0..{size - 1}): token ids must be below "
+                         "the vocabulary size, learned positions below the context length")
 
 # %% ../nbs/02_layers.ipynb #f4fed984
-def sinusoidal_positions(positions: jax.Array, features: int, max_timescale: float = 10_000.0) -> jax.Array:
-    """Vaswani et al.'s fixed position code: [...] int positions -> [..., D], sin on even and cos on odd dims."""
-    rates = 1.0 / max_timescale ** (np.arange(0, features, 2, dtype=np.float32) / features)   # [D/2]
-    angles = jnp.asarray(positions, jnp.float32)[..., None] * rates                          # [..., D/2]
-    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], -1)[..., :features]
+def sinusoidal_positions(positions: jax.Array, features: int,
+                         max_timescale: float = 10_000.0) -> jax.Array:
+    """Vaswani et al.'s fixed position code: [...] int positions -> [..., D], sin on even and
+    cos on odd dims."""
+    # [D/2]
+    rates = 1.0 / max_timescale ** (np.arange(0, features, 2, dtype=np.float32) / features)
+    # [..., D/2]
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * rates
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(
+        *angles.shape[:-1], -1)[..., :features]
 
 # %% ../nbs/02_layers.ipynb #ad6b7fd1
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis; statistics in float32, result in `dtype`."""
 
-    def __init__(self, features: int, *, eps: float = 1e-5, use_bias: bool = True, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+    def __init__(self, features: int, *, eps: float = 1e-5, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         self.eps, self.dtype = eps, dtype
         self.scale = nnx.Param(jnp.ones((features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((features,), param_dtype)) if use_bias else None
@@ -80,10 +91,11 @@ class LayerNorm(nnx.Module):
 
 # %% ../nbs/02_layers.ipynb #3b4086f6
 class RMSNorm(nnx.Module):
-    """Root-mean-square norm over the last axis, multiplied by `offset + scale` (offset 1.0: Gemma's 1 + w)."""
+    """Root-mean-square norm over the last axis, multiplied by `offset + scale` (offset 1.0:
+    Gemma's 1 + w)."""
 
-    def __init__(self, features: int, *, eps: float = 1e-6, offset: float = 0.0, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+    def __init__(self, features: int, *, eps: float = 1e-6, offset: float = 0.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         self.eps, self.offset, self.dtype = eps, offset, dtype
         self.scale = nnx.Param(jnp.full((features,), 1.0 - offset, param_dtype))
 
@@ -99,12 +111,13 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,
 }
-HF_ACTIVATION_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                       "swish": "silu"}
+HF_ACTIVATION_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                       "gelu_fast": "gelu_tanh", "swish": "silu"}
 
 
 def activation_function(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The activation function called `name` here or in transformers (`gelu_new` is the tanh GELU)."""
+    """The activation function called `name` here or in transformers (`gelu_new` is the tanh
+    GELU)."""
     key = HF_ACTIVATION_NAMES.get(name, name)
     if key not in ACTIVATIONS:
         known = sorted({*ACTIVATIONS, *HF_ACTIVATION_NAMES})
@@ -113,12 +126,15 @@ def activation_function(name: str) -> Callable[[jax.Array], jax.Array]:
 
 # %% ../nbs/02_layers.ipynb #07b5eb1c
 class MLP(nnx.Module):
-    """GPT-2's feed-forward block: D -> F -> D with an activation in between (`c_fc`, `c_proj` as in its checkpoint)."""
+    """GPT-2's feed-forward block: D -> F -> D with an activation in between (`c_fc`, `c_proj`
+    as in its checkpoint)."""
 
-    def __init__(self, features: int, hidden: int, *, activation: str = "gelu_tanh", use_bias: bool = True,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, features: int, hidden: int, *, activation: str = "gelu_tanh",
+                 use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.act = activation_function(activation)
-        linear = lambda i, o: nnx.Linear(i, o, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=use_bias, dtype=dtype,
+                                         param_dtype=param_dtype, rngs=rngs)
         self.c_fc, self.c_proj = linear(features, hidden), linear(hidden, features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -126,12 +142,15 @@ class MLP(nnx.Module):
 
 # %% ../nbs/02_layers.ipynb #9d7f9e77
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU with act='silu' (LLaMA, Mistral), GeGLU with 'gelu_tanh' (Gemma)."""
+    """down(act(gate(x)) * up(x)): SwiGLU with act='silu' (LLaMA, Mistral), GeGLU with
+    'gelu_tanh' (Gemma)."""
 
-    def __init__(self, features: int, hidden: int, *, activation: str = "silu", use_bias: bool = False,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, features: int, hidden: int, *, activation: str = "silu",
+                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.act = activation_function(activation)
-        linear = lambda i, o: nnx.Linear(i, o, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=use_bias, dtype=dtype,
+                                         param_dtype=param_dtype, rngs=rngs)
         self.gate_proj, self.up_proj = linear(features, hidden), linear(features, hidden)
         self.down_proj = linear(hidden, features)
 
@@ -140,5 +159,6 @@ class GatedMLP(nnx.Module):
 
 # %% ../nbs/02_layers.ipynb #21227183
 def parameter_count(module: nnx.Module) -> int:
-    """Number of parameters of a module — also of an abstract one built by `nnx.eval_shape`, which holds only shapes."""
+    """Number of parameters of a module — also of an abstract one built by `nnx.eval_shape`,
+    which holds only shapes."""
     return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))

