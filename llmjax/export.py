@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['HF_CLASSES', 'UNITS', 'GGUF_GEMMAS', 'GGUF_TYPES', 'FILE_TYPES', 'architecture_of', 'check_merged', 'hf_checkpoint',
-           'parse_size', 'shards', 'write_json', 'write_safetensors', 'check_target', 'atomic_folder',
-           'generation_config', 'export', 'llama_gguf_config', 'gemma_gguf_config', 'gguf_config', 'gguf_key_map',
-           'byte_level_metadata', 'gguf_tokenizer_metadata', 'gguf_type', 'gguf_tensor', 'check_file_target',
-           'atomic_file', 'write_gguf', 'export_gguf']
+           'shards', 'write_json', 'write_safetensors', 'parse_size', 'atomic_folder', 'check_target',
+           'generation_config', 'export', 'gguf_config', 'gguf_key_map', 'llama_gguf_config', 'gemma_gguf_config',
+           'byte_level_metadata', 'gguf_tokenizer_metadata', 'gguf_type', 'gguf_tensor', 'export_gguf', 'write_gguf',
+           'check_file_target', 'atomic_file']
 
 # %% ../nbs/15_export.ipynb #54ddb97f
 import contextlib
@@ -63,18 +63,6 @@ def hf_checkpoint(model) -> tuple[dict, dict[str, np.ndarray]]:
     return {"architectures": [HF_CLASSES[hf["model_type"]]], **hf, "dtype": dtype}, tensors
 
 # %% ../nbs/15_export.ipynb #8a5c4507
-UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from a whole number or a string such as "5GB" or "500MB" (decimal units, as transformers reads them)."""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", str(size), re.IGNORECASE)
-    if isinstance(size, bool) or not found or int(float(found[1]) * UNITS[(found[2] or "").upper()]) < 1:
-        raise ValueError(f"max_shard_size {size!r} is not a size: give bytes (a whole number ≥ 1) or a string such "
-                         f"as '5GB' or '500MB'")
-    return int(float(found[1]) * UNITS[(found[2] or "").upper()])
-
-
 def shards(tensors: dict[str, np.ndarray], max_shard_size: int) -> list[dict[str, np.ndarray]]:
     """Tensors cut into shards of at most `max_shard_size` bytes, as transformers' `save_pretrained` cuts them:
     in order, and a tensor larger than the limit at once in a shard of its own."""
@@ -90,7 +78,7 @@ def shards(tensors: dict[str, np.ndarray], max_shard_size: int) -> list[dict[str
         size += tensor.nbytes
     return done + [current] if current or not done else done
 
-
+# %% ../nbs/15_export.ipynb #e591848a
 def write_json(path: Path, content: dict):
     path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
@@ -110,32 +98,19 @@ def write_safetensors(tensors: dict[str, np.ndarray], directory: Path, max_shard
         names.append("model.safetensors.index.json")
     return names
 
+# %% ../nbs/15_export.ipynb #3d54109d
+UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from a whole number or a string such as "5GB" or "500MB" (decimal units, as transformers reads them)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", str(size), re.IGNORECASE)
+    if isinstance(size, bool) or not found or int(float(found[1]) * UNITS[(found[2] or "").upper()]) < 1:
+        raise ValueError(f"max_shard_size {size!r} is not a size: give bytes (a whole number ≥ 1) or a string such "
+                         f"as '5GB' or '500MB'")
+    return int(float(found[1]) * UNITS[(found[2] or "").upper()])
+
 # %% ../nbs/15_export.ipynb #4ed9ae22
-def check_target(directory) -> Path:
-    """The absolute folder to export into, refused if something is already there (an empty folder is welcome)."""
-    directory = Path(directory).expanduser().absolute()
-    if directory.is_dir() and not directory.is_symlink() and not any(directory.iterdir()):
-        return directory
-    if directory.exists() or directory.is_symlink():
-        raise ValueError(f"{directory} already exists; export into a new folder, or remove it first")
-    return directory
-
-
-def _sync_file(path: Path):
-    """Flush one file (or a folder's list of names) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync(folder: Path):
-    """Flush every file in `folder` to the disk, then the folder's own list of names."""
-    for path in [*folder.iterdir(), folder]:
-        _sync_file(path)
-
-
 @contextlib.contextmanager
 def atomic_folder(directory):
     """A temporary folder next to `directory` to write into: when the block ends it is flushed to the disk and
@@ -160,6 +135,31 @@ def atomic_folder(directory):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+# %% ../nbs/15_export.ipynb #2ea88b92
+def check_target(directory) -> Path:
+    """The absolute folder to export into, refused if something is already there (an empty folder is welcome)."""
+    directory = Path(directory).expanduser().absolute()
+    if directory.is_dir() and not directory.is_symlink() and not any(directory.iterdir()):
+        return directory
+    if directory.exists() or directory.is_symlink():
+        raise ValueError(f"{directory} already exists; export into a new folder, or remove it first")
+    return directory
+
+
+def _sync_file(path: Path):
+    """Flush one file (or a folder's list of names) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync(folder: Path):
+    """Flush every file in `folder` to the disk, then the folder's own list of names."""
+    for path in [*folder.iterdir(), folder]:
+        _sync_file(path)
 
 # %% ../nbs/15_export.ipynb #cf9f385a
 def generation_config(hf: dict, tokenizer) -> dict:
@@ -193,6 +193,28 @@ def export(model, tokenizer, directory, *, max_shard_size: int | str = "50GB") -
     return directory
 
 # %% ../nbs/15_export.ipynb #6254e371
+def gguf_config(model) -> tuple[str, dict]:
+    """(llama.cpp's architecture name, the hyperparameters it reads as `{architecture}.*` metadata) of a model."""
+    if type(model) in (llama.Llama, mistral.Mistral):   # llama.cpp writes Mistral as a LLaMA
+        arch, specific = "llama", llama_gguf_config(model.config)
+    elif type(model) is gemma.Gemma:
+        arch, specific = GGUF_GEMMAS[gemma.hf_model_type(model.config)], gemma_gguf_config(model.config)
+    else:
+        raise ValueError(f"llmjax writes GGUF files of LLaMA, Mistral and Gemma models, not of a "
+                         f"{type(model).__name__}; export it as a Hugging Face folder instead")
+    c = model.config
+    return arch, {"vocab_size": c.vocab_size, "embedding_length": c.hidden_size, "block_count": c.num_hidden_layers,
+                  "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
+                  "attention.head_count_kv": c.num_key_value_heads, "attention.key_length": c.head_dim,
+                  "attention.value_length": c.head_dim, "attention.layer_norm_rms_epsilon": c.rms_norm_eps,
+                  **specific}
+
+
+def gguf_key_map(model) -> KeyMap:
+    """The llama.cpp key map of a model's architecture (chapters 7 and 9), to run backwards."""
+    return (gemma.gguf_key_map if type(model) is gemma.Gemma else llama.gguf_key_map)(model.config)
+
+# %% ../nbs/15_export.ipynb #c39810a9
 GGUF_GEMMAS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}   # transformers' -> llama.cpp's name
 
 
@@ -214,7 +236,7 @@ def llama_gguf_config(config) -> dict:
     return {"context_length": config.max_position_embeddings, "rope.freq_base": config.rope.theta,
             "rope.dimension_count": config.head_dim}
 
-
+# %% ../nbs/15_export.ipynb #684a4236
 def gemma_gguf_config(config) -> dict:
     """The `gemma*.*` metadata of a Gemma 1, 2 or 3 config: the inverse of chapter 9's `config_from_gguf`."""
     model_type = gemma.hf_model_type(config)
@@ -243,28 +265,6 @@ def gemma_gguf_config(config) -> dict:
     if config.rope_local is not None:
         meta["rope.freq_base_swa"] = config.rope_local.theta
     return meta
-
-
-def gguf_config(model) -> tuple[str, dict]:
-    """(llama.cpp's architecture name, the hyperparameters it reads as `{architecture}.*` metadata) of a model."""
-    if type(model) in (llama.Llama, mistral.Mistral):   # llama.cpp writes Mistral as a LLaMA
-        arch, specific = "llama", llama_gguf_config(model.config)
-    elif type(model) is gemma.Gemma:
-        arch, specific = GGUF_GEMMAS[gemma.hf_model_type(model.config)], gemma_gguf_config(model.config)
-    else:
-        raise ValueError(f"llmjax writes GGUF files of LLaMA, Mistral and Gemma models, not of a "
-                         f"{type(model).__name__}; export it as a Hugging Face folder instead")
-    c = model.config
-    return arch, {"vocab_size": c.vocab_size, "embedding_length": c.hidden_size, "block_count": c.num_hidden_layers,
-                  "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
-                  "attention.head_count_kv": c.num_key_value_heads, "attention.key_length": c.head_dim,
-                  "attention.value_length": c.head_dim, "attention.layer_norm_rms_epsilon": c.rms_norm_eps,
-                  **specific}
-
-
-def gguf_key_map(model) -> KeyMap:
-    """The llama.cpp key map of a model's architecture (chapters 7 and 9), to run backwards."""
-    return (gemma.gguf_key_map if type(model) is gemma.Gemma else llama.gguf_key_map)(model.config)
 
 # %% ../nbs/15_export.ipynb #c61b51ed
 def byte_level_metadata(tokenizer) -> dict:
@@ -331,6 +331,43 @@ def gguf_tensor(tensor: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarr
     return gguf.quants.quantize(np.asarray(tensor, np.float32), kind)
 
 # %% ../nbs/15_export.ipynb #118b1daa
+def export_gguf(model, tokenizer, path, *, dtype: str = "f32") -> Path:
+    """Write `model` and its `tokenizer` as one GGUF file that llama.cpp reads: hyperparameters and tokenizer as
+    metadata, tensors under llama.cpp's names, matrices as `dtype` ("f32", "f16" or "q8_0"; norm scales stay F32).
+    The file appears whole or not at all; an existing one is refused."""
+    if dtype not in GGUF_TYPES:
+        raise ValueError(f"{dtype!r} is not a GGUF type llmjax writes; choose one of {', '.join(GGUF_TYPES)}")
+    path = check_file_target(path)
+    arch, hyperparameters = gguf_config(model)
+    check_merged(model)
+    vocabulary = gguf_tokenizer_metadata(tokenizer, model.config.vocab_size)
+    tensors = {}
+    for name, tensor in checkpoint_tensors(model, gguf_key_map(model)).items():
+        kind = gguf_type(tensor, dtype)
+        tensors[name] = gguf_tensor(tensor, kind), kind
+    metadata = {f"{arch}.{key}": value for key, value in hyperparameters.items()} | vocabulary | \
+        {"general.file_type": int(FILE_TYPES[dtype]), "general.quantization_version": gguf.GGML_QUANT_VERSION}
+    with atomic_file(path) as partial:
+        write_gguf(partial, arch, metadata, tensors)
+    return path
+
+# %% ../nbs/15_export.ipynb #a93b423e
+def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple]):
+    """A GGUF file through the gguf package's writer: `metadata` {key: value} (an int as uint32, a float as float32,
+    lists as arrays), then `tensors` {name: (data as `gguf_tensor` gives it, its GGML type)}."""
+    writer = gguf.GGUFWriter(path, arch)
+    adders = {bool: writer.add_bool, int: writer.add_uint32, float: writer.add_float32, str: writer.add_string,
+              list: writer.add_array}
+    for key, value in metadata.items():
+        adders[type(value)](key, value)
+    for name, (data, kind) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+# %% ../nbs/15_export.ipynb #75377043
 def check_file_target(path) -> Path:
     """The absolute path of a file to write, refused if anything is there already."""
     path = Path(path).expanduser().absolute()
@@ -366,40 +403,3 @@ def atomic_file(path):
             for folder in made:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-
-
-def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple]):
-    """A GGUF file through the gguf package's writer: `metadata` {key: value} (an int as uint32, a float as float32,
-    lists as arrays), then `tensors` {name: (data as `gguf_tensor` gives it, its GGML type)}."""
-    writer = gguf.GGUFWriter(path, arch)
-    adders = {bool: writer.add_bool, int: writer.add_uint32, float: writer.add_float32, str: writer.add_string,
-              list: writer.add_array}
-    for key, value in metadata.items():
-        adders[type(value)](key, value)
-    for name, (data, kind) in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def export_gguf(model, tokenizer, path, *, dtype: str = "f32") -> Path:
-    """Write `model` and its `tokenizer` as one GGUF file that llama.cpp reads: hyperparameters and tokenizer as
-    metadata, tensors under llama.cpp's names, matrices as `dtype` ("f32", "f16" or "q8_0"; norm scales stay F32).
-    The file appears whole or not at all; an existing one is refused."""
-    if dtype not in GGUF_TYPES:
-        raise ValueError(f"{dtype!r} is not a GGUF type llmjax writes; choose one of {', '.join(GGUF_TYPES)}")
-    path = check_file_target(path)
-    arch, hyperparameters = gguf_config(model)
-    check_merged(model)
-    vocabulary = gguf_tokenizer_metadata(tokenizer, model.config.vocab_size)
-    tensors = {}
-    for name, tensor in checkpoint_tensors(model, gguf_key_map(model)).items():
-        kind = gguf_type(tensor, dtype)
-        tensors[name] = gguf_tensor(tensor, kind), kind
-    metadata = {f"{arch}.{key}": value for key, value in hyperparameters.items()} | vocabulary | \
-        {"general.file_type": int(FILE_TYPES[dtype]), "general.quantization_version": gguf.GGML_QUANT_VERSION}
-    with atomic_file(path) as partial:
-        write_gguf(partial, arch, metadata, tensors)
-    return path

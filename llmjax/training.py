@@ -8,8 +8,8 @@ __all__ = ['IGNORE', 'REMAT_SETTINGS', 'SHORT_DTYPES', 'LORA_TARGETS', 'next_tok
            'loss_terms', 'model_loss', 'checkpoint_gradients', 'best_fit', 'Rows', 'pack', 'read_records', 'tokenize',
            'load_rows', 'DataState', 'epoch_order', 'next_batch', 'TrainConfig', 'learning_rate_schedule', 'decayed',
            'make_optimizer', 'gradients', 'train_state', 'train_step', 'saved_bytes', 'step_costs', 'LoRALinear',
-           'add_lora', 'merge_lora', 'save_adapters', 'load_adapters', 'StepReport', 'run_settings', 'saved_steps',
-           'fit']
+           'add_lora', 'merge_lora', 'save_adapters', 'load_adapters', 'StepReport', 'fit', 'run_settings',
+           'saved_steps']
 
 # %% ../nbs/14_training.ipynb #5032c9fd
 import bisect
@@ -82,7 +82,7 @@ def text_document(tokenizer, text: str) -> Document:
         ids.append(eos)
     return Document(np.asarray(ids, np.int32), np.ones(len(ids), bool))
 
-
+# %% ../nbs/14_training.ipynb #521e019e
 def _render(tokenizer, messages, **kwargs) -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
 
@@ -120,7 +120,7 @@ class Batch:
     segments: jax.Array   # the attention mask: 0 on padding, else the token's document in its row (1, 2, ...)
     labels: jax.Array     # the token where it is learned, IGNORE where it is not
 
-
+# %% ../nbs/14_training.ipynb #5bd20ccf
 def router_top_k(model: nnx.Module) -> int | None:
     """How many experts each token uses, if the model has mixture-of-experts layers (chapter 10); else None."""
     found = {m.top_k for _, m in nnx.iter_modules(model) if isinstance(m, SparseMoE)}
@@ -179,7 +179,7 @@ def best_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
             bisect.insort(room, (left, which))
     return [sorted(b) for b in bins]
 
-
+# %% ../nbs/14_training.ipynb #cc41b111
 @dataclasses.dataclass(frozen=True)
 class Rows:
     """Documents packed into N rows of T tokens: tokens, segment ids and labels, NumPy int32 [N, T] each."""
@@ -451,7 +451,7 @@ class LoRALinear(nnx.LoRA):
         update = x.astype(dtype) @ self.lora_a[...].astype(dtype) @ self.lora_b[...].astype(dtype)
         return self.base_module(x) + self.scale * update
 
-
+# %% ../nbs/14_training.ipynb #b8aa4233
 def _children(model: nnx.Module, kind: type) -> list[tuple[str, nnx.Module, str, nnx.Module]]:
     """(dotted path, parent, attribute, child) for every attribute of a submodule of `model` that is a `kind`."""
     return [(".".join(map(str, (*path, name))), parent, name, child)
@@ -480,7 +480,7 @@ def add_lora(model: nnx.Module, rank: int, alpha: float | None = None, targets: 
             setattr(parent, name, LoRALinear(linear, rank, alpha, rngs=rngs))
     return model
 
-
+# %% ../nbs/14_training.ipynb #c24eed46
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every adapter into its base weights, in place (kernel + (alpha / rank) A B, in float32), leaving the
     plain Linears the model was loaded with: no extra matmuls at inference."""
@@ -542,7 +542,60 @@ class StepReport:
     tokens: int
     seconds: float
 
+# %% ../nbs/14_training.ipynb #ddab7488
+def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int, steps: int | None = None,
+        out=None, save_every: int = 100, keep: int = 3, resume: bool = False, wrt=nnx.Param, seed: int = 0,
+        on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
+    """Train `model` (in place) on `rows` until step `steps` (default config.total_steps), checkpointing to
+    `out`/checkpoints every `save_every` steps and at the end, the last `keep` kept; with `resume`, go on from the
+    newest complete checkpoint there. `wrt` is what is trained, `seed` the data order's. -> each step's report."""
+    import orbax.checkpoint as ocp
 
+    steps = config.total_steps if steps is None else steps
+    for name, value in dict(steps=steps, save_every=save_every, keep=keep).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number above 0, got {value!r}")
+    settings, done = _checked_run(model, rows, config, batch_size, wrt, seed, out, resume)
+    optimizer, kept = nnx.Optimizer(model, make_optimizer(config), wrt=wrt), nnx.Any(wrt, nnx.RngState)
+    data, manager = DataState(seed=seed), None
+    if out is not None:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
+        manager = ocp.CheckpointManager(Path(out).absolute() / "checkpoints", options=options)
+    if resume:
+        # Orbax's arrays are committed to a device, a new run's are not, and jit would compile the step again for
+        # them: restored as NumPy and put on the device like a new run's, they reuse its program.
+        host = lambda tree: jax.tree.map(np.asarray, tree)
+        restored = manager.restore(done[-1], args=ocp.args.Composite(
+            trained=ocp.args.StandardRestore(host(nnx.state(model, kept))),
+            optimizer=ocp.args.StandardRestore(host(nnx.state(optimizer))), meta=ocp.args.JsonRestore()))
+        nnx.update(model, jax.tree.map(jnp.asarray, restored["trained"]))
+        nnx.update(optimizer, jax.tree.map(jnp.asarray, restored["optimizer"]))
+        data = DataState(**restored["meta"]["data"])
+    graphdef, state = nnx.split((model, optimizer))
+    history = []
+    try:
+        for step in range(int(optimizer.step[...]) + 1, steps + 1):
+            started = time.perf_counter()
+            batch, data = next_batch(rows, data, batch_size)
+            state, metrics = train_step(graphdef, state, batch, config)
+            history.append(StepReport(step, float(metrics["loss"]), int((batch.segments != 0).sum()),
+                                      time.perf_counter() - started))
+            if on_step is not None:
+                on_step(history[-1])
+            if manager is not None and (step % save_every == 0 or step == steps):
+                trained, trainer = nnx.merge(graphdef, state)
+                manager.save(step, args=ocp.args.Composite(
+                    trained=ocp.args.StandardSave(nnx.state(trained, kept)),
+                    optimizer=ocp.args.StandardSave(nnx.state(trainer)),
+                    meta=ocp.args.JsonSave(dict(settings=settings, data=dataclasses.asdict(data)))))
+    finally:
+        nnx.update((model, optimizer), state)           # the model holds the newest weights, however the loop ended
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    return history
+
+# %% ../nbs/14_training.ipynb #6d1b3267
 def _fingerprint(arrays) -> str:
     digest = hashlib.sha256()
     for array in arrays:
@@ -608,56 +661,3 @@ def _checked_run(model, rows, config, batch_size, wrt, seed, out, resume) -> tup
             raise ValueError(f"{directory} holds a run with {'; '.join(changed)}: resume with that run's "
                              "settings, or start a new run in another out")
     return settings, done
-
-# %% ../nbs/14_training.ipynb #ddab7488
-def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int, steps: int | None = None,
-        out=None, save_every: int = 100, keep: int = 3, resume: bool = False, wrt=nnx.Param, seed: int = 0,
-        on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
-    """Train `model` (in place) on `rows` until step `steps` (default config.total_steps), checkpointing to
-    `out`/checkpoints every `save_every` steps and at the end, the last `keep` kept; with `resume`, go on from the
-    newest complete checkpoint there. `wrt` is what is trained, `seed` the data order's. -> each step's report."""
-    import orbax.checkpoint as ocp
-
-    steps = config.total_steps if steps is None else steps
-    for name, value in dict(steps=steps, save_every=save_every, keep=keep).items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number above 0, got {value!r}")
-    settings, done = _checked_run(model, rows, config, batch_size, wrt, seed, out, resume)
-    optimizer, kept = nnx.Optimizer(model, make_optimizer(config), wrt=wrt), nnx.Any(wrt, nnx.RngState)
-    data, manager = DataState(seed=seed), None
-    if out is not None:
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
-        manager = ocp.CheckpointManager(Path(out).absolute() / "checkpoints", options=options)
-    if resume:
-        # Orbax's arrays are committed to a device, a new run's are not, and jit would compile the step again for
-        # them: restored as NumPy and put on the device like a new run's, they reuse its program.
-        host = lambda tree: jax.tree.map(np.asarray, tree)
-        restored = manager.restore(done[-1], args=ocp.args.Composite(
-            trained=ocp.args.StandardRestore(host(nnx.state(model, kept))),
-            optimizer=ocp.args.StandardRestore(host(nnx.state(optimizer))), meta=ocp.args.JsonRestore()))
-        nnx.update(model, jax.tree.map(jnp.asarray, restored["trained"]))
-        nnx.update(optimizer, jax.tree.map(jnp.asarray, restored["optimizer"]))
-        data = DataState(**restored["meta"]["data"])
-    graphdef, state = nnx.split((model, optimizer))
-    history = []
-    try:
-        for step in range(int(optimizer.step[...]) + 1, steps + 1):
-            started = time.perf_counter()
-            batch, data = next_batch(rows, data, batch_size)
-            state, metrics = train_step(graphdef, state, batch, config)
-            history.append(StepReport(step, float(metrics["loss"]), int((batch.segments != 0).sum()),
-                                      time.perf_counter() - started))
-            if on_step is not None:
-                on_step(history[-1])
-            if manager is not None and (step % save_every == 0 or step == steps):
-                trained, trainer = nnx.merge(graphdef, state)
-                manager.save(step, args=ocp.args.Composite(
-                    trained=ocp.args.StandardSave(nnx.state(trained, kept)),
-                    optimizer=ocp.args.StandardSave(nnx.state(trainer)),
-                    meta=ocp.args.JsonSave(dict(settings=settings, data=dataclasses.asdict(data)))))
-    finally:
-        nnx.update((model, optimizer), state)           # the model holds the newest weights, however the loop ended
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
-    return history

