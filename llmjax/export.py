@@ -31,30 +31,37 @@ from .models import ARCHITECTURES, Architecture
 
 # %% ../nbs/15_export.ipynb #0657a380
 def architecture_of(model) -> Architecture:
-    """The registry's entry (chapter 12) for this model's class: its config.json conversion and its key map."""
+    """The registry's entry (chapter 12) for this model's class: its config.json conversion and
+    its key map."""
     for architecture in ARCHITECTURES.values():
-        if type(model) is architecture.model:   # exactly: a Mistral is a Llama, but not written as one
+        # exactly: a Mistral is a Llama, but not written as one
+        if type(model) is architecture.model:
             return architecture
     known = ", ".join(sorted({a.model.__name__ for a in ARCHITECTURES.values()}))
-    raise ValueError(f"llmjax can't export a {type(model).__name__}: it exports the models it loads ({known})")
+    raise ValueError(f"llmjax can't export a {type(model).__name__}: it exports the models it "
+                     f"loads ({known})")
 
 
-# the class transformers builds for each model_type; llama.cpp's converter, among others, reads it
-HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM",
-              "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM",
+# the class transformers builds for each model_type; llama.cpp's
+# converter, among others, reads it
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+              "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "gemma3_text": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM",
               "mixtral": "MixtralForCausalLM"}
 
 
 def check_merged(model):
     """Refuse a model that carries LoRA adapters: an exported file has no place for them."""
     if jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
-        raise ValueError("the model carries LoRA adapters, which an exported model of this architecture has no "
-                         "place for; merge them first (llmjax.training.merge_lora)")
+        raise ValueError("the model carries LoRA adapters, which an exported model of this "
+                         "architecture has no place for; merge them first "
+                         "(llmjax.training.merge_lora)")
 
 
 def hf_checkpoint(model) -> tuple[dict, dict[str, np.ndarray]]:
-    """A model as Hugging Face sees it: (config.json as a dict, {tensor name: array}) — the config through its
-    architecture's `config_to_hf`, the tensors through its key map run backwards."""
+    """A model as Hugging Face sees it: (config.json as a dict, {tensor name: array}) — the
+    config through its architecture's `config_to_hf`, the tensors through its key map run
+    backwards."""
     architecture = architecture_of(model)
     check_merged(model)
     hf = architecture.config_to_hf(model.config)
@@ -64,8 +71,9 @@ def hf_checkpoint(model) -> tuple[dict, dict[str, np.ndarray]]:
 
 # %% ../nbs/15_export.ipynb #8a5c4507
 def shards(tensors: dict[str, np.ndarray], max_shard_size: int) -> list[dict[str, np.ndarray]]:
-    """Tensors cut into shards of at most `max_shard_size` bytes, as transformers' `save_pretrained` cuts them:
-    in order, and a tensor larger than the limit at once in a shard of its own."""
+    """Tensors cut into shards of at most `max_shard_size` bytes, as transformers'
+    `save_pretrained` cuts them: in order, and a tensor larger than the limit at once in a
+    shard of its own."""
     done, current, size = [], {}, 0
     for name, tensor in tensors.items():
         if tensor.nbytes > max_shard_size:
@@ -83,17 +91,20 @@ def write_json(path: Path, content: dict):
     path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], directory: Path, max_shard_size: int) -> list[str]:
-    """`model.safetensors`, or shards `model-0000i-of-0000n.safetensors` and the index naming each tensor's shard;
-    -> the names of the files written."""
+def write_safetensors(tensors: dict[str, np.ndarray], directory: Path,
+                      max_shard_size: int) -> list[str]:
+    """`model.safetensors`, or shards `model-0000i-of-0000n.safetensors` and the index naming
+    each tensor's shard; -> the names of the files written."""
     parts = shards(tensors, max_shard_size)
     names = ["model.safetensors"] if len(parts) == 1 else \
         [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
     for name, part in zip(names, parts):
-        safetensors.numpy.save_file(part, directory / name, metadata={"format": "pt"})   # transformers checks it
+        # transformers checks it
+        safetensors.numpy.save_file(part, directory / name, metadata={"format": "pt"})
     if len(parts) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                 "weight_map": {tensor: name for name, part in zip(names, parts) for tensor in part}}
+                 "weight_map": {tensor: name for name, part in zip(names, parts)
+                                for tensor in part}}
         write_json(directory / "model.safetensors.index.json", index)
         names.append("model.safetensors.index.json")
     return names
@@ -103,32 +114,39 @@ UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from a whole number or a string such as "5GB" or "500MB" (decimal units, as transformers reads them)."""
+    """Bytes from a whole number or a string such as "5GB" or "500MB" (decimal units, as
+    transformers reads them)."""
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", str(size), re.IGNORECASE)
-    if isinstance(size, bool) or not found or int(float(found[1]) * UNITS[(found[2] or "").upper()]) < 1:
-        raise ValueError(f"max_shard_size {size!r} is not a size: give bytes (a whole number ≥ 1) or a string such "
-                         f"as '5GB' or '500MB'")
+    if isinstance(size, bool) or not found or \
+            int(float(found[1]) * UNITS[(found[2] or "").upper()]) < 1:
+        raise ValueError(f"max_shard_size {size!r} is not a size: give bytes (a whole number "
+                         "≥ 1) or a string such as '5GB' or '500MB'")
     return int(float(found[1]) * UNITS[(found[2] or "").upper()])
 
 # %% ../nbs/15_export.ipynb #4ed9ae22
 @contextlib.contextmanager
 def atomic_folder(directory):
-    """A temporary folder next to `directory` to write into: when the block ends it is flushed to the disk and
-    renamed to `directory` in one step; when the block raises, it is removed, with any parent folder made for it."""
+    """A temporary folder next to `directory` to write into: when the block ends it is flushed
+    to the disk and renamed to `directory` in one step; when the block raises, it is removed,
+    with any parent folder made for it."""
     directory = check_target(directory)
-    made = [p for p in [directory.parent, *directory.parent.parents] if not p.exists()]   # innermost first
+    # innermost first
+    made = [p for p in [directory.parent, *directory.parent.parents] if not p.exists()]
     directory.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".partial"))
+    partial = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.",
+                                    suffix=".partial"))
     try:
         yield partial
         _sync(partial)
-        os.chmod(partial, 0o755)   # mkdtemp's folder is private to its owner; a model folder is an ordinary one
+        # mkdtemp's folder is private to its owner; a model folder is an ordinary one
+        os.chmod(partial, 0o755)
         try:
-            os.rename(partial, directory)   # POSIX: replaces an empty folder, refuses one that is not
+            # POSIX: replaces an empty folder, refuses one that is not
+            os.rename(partial, directory)
         except OSError:
-            raise ValueError(f"{directory} was filled by something else during the export; export into a new "
-                             f"folder") from None
-        _sync_file(directory.parent)       # the rename: the parent's list of names, not its files
+            raise ValueError(f"{directory} was filled by something else during the export; "
+                             "export into a new folder") from None
+        _sync_file(directory.parent)    # the rename: the parent's list of names, not its files
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         for folder in made:
@@ -138,12 +156,14 @@ def atomic_folder(directory):
 
 # %% ../nbs/15_export.ipynb #2ea88b92
 def check_target(directory) -> Path:
-    """The absolute folder to export into, refused if something is already there (an empty folder is welcome)."""
+    """The absolute folder to export into, refused if something is already there (an empty
+    folder is welcome)."""
     directory = Path(directory).expanduser().absolute()
     if directory.is_dir() and not directory.is_symlink() and not any(directory.iterdir()):
         return directory
     if directory.exists() or directory.is_symlink():
-        raise ValueError(f"{directory} already exists; export into a new folder, or remove it first")
+        raise ValueError(f"{directory} already exists; export into a new folder, or remove "
+                         "it first")
     return directory
 
 
@@ -163,26 +183,29 @@ def _sync(folder: Path):
 
 # %% ../nbs/15_export.ipynb #cf9f385a
 def generation_config(hf: dict, tokenizer) -> dict:
-    """generation_config.json: the model's EOS ids (else the tokenizer's), and the tokenizer's BOS and pad ids."""
+    """generation_config.json: the model's EOS ids (else the tokenizer's), and the tokenizer's
+    BOS and pad ids."""
     def token(name):
         value = getattr(tokenizer, f"{name}_token_id", None) if tokenizer is not None else None
         return hf.get(f"{name}_token_id") if value is None else value
 
-    ids = {"bos_token_id": token("bos"), "eos_token_id": hf.get("eos_token_id"), "pad_token_id": token("pad")}
+    ids = {"bos_token_id": token("bos"), "eos_token_id": hf.get("eos_token_id"),
+           "pad_token_id": token("pad")}
     if ids["eos_token_id"] in (None, []):
         ids["eos_token_id"] = token("eos")
     return {name: value for name, value in ids.items() if value not in (None, [])}
 
 
 def export(model, tokenizer, directory, *, max_shard_size: int | str = "50GB") -> Path:
-    """Write `model` (and `tokenizer`, unless None) as a Hugging Face folder that transformers loads: config.json,
-    generation_config.json, safetensors (sharded above `max_shard_size`, as transformers does) and the tokenizer's
-    files. The folder appears whole or not at all; one that exists and is not empty is refused."""
+    """Write `model` (and `tokenizer`, unless None) as a Hugging Face folder that transformers
+    loads: config.json, generation_config.json, safetensors (sharded above `max_shard_size`, as
+    transformers does) and the tokenizer's files. The folder appears whole or not at all; one
+    that exists and is not empty is refused."""
     limit = parse_size(max_shard_size)
     directory = check_target(directory)
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
-        raise TypeError(f"tokenizer must be a transformers tokenizer (what llmjax.load returns) or None, not a "
-                        f"{type(tokenizer).__name__}")
+        raise TypeError("tokenizer must be a transformers tokenizer (what llmjax.load "
+                        f"returns) or None, not a {type(tokenizer).__name__}")
     hf, tensors = hf_checkpoint(model)
     with atomic_folder(directory) as partial:
         write_json(partial / "config.json", hf)
@@ -194,71 +217,91 @@ def export(model, tokenizer, directory, *, max_shard_size: int | str = "50GB") -
 
 # %% ../nbs/15_export.ipynb #6254e371
 def gguf_config(model) -> tuple[str, dict]:
-    """(llama.cpp's architecture name, the hyperparameters it reads as `{architecture}.*` metadata) of a model."""
+    """(llama.cpp's architecture name, the hyperparameters it reads as `{architecture}.*`
+    metadata) of a model."""
     if type(model) in (llama.Llama, mistral.Mistral):   # llama.cpp writes Mistral as a LLaMA
         arch, specific = "llama", llama_gguf_config(model.config)
     elif type(model) is gemma.Gemma:
-        arch, specific = GGUF_GEMMAS[gemma.hf_model_type(model.config)], gemma_gguf_config(model.config)
+        arch, specific = GGUF_GEMMAS[gemma.hf_model_type(model.config)], \
+            gemma_gguf_config(model.config)
     else:
-        raise ValueError(f"llmjax writes GGUF files of LLaMA, Mistral and Gemma models, not of a "
-                         f"{type(model).__name__}; export it as a Hugging Face folder instead")
+        raise ValueError("llmjax writes GGUF files of LLaMA, Mistral and Gemma models, not "
+                         f"of a {type(model).__name__}; export it as a Hugging Face "
+                         "folder instead")
     c = model.config
-    return arch, {"vocab_size": c.vocab_size, "embedding_length": c.hidden_size, "block_count": c.num_hidden_layers,
-                  "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
-                  "attention.head_count_kv": c.num_key_value_heads, "attention.key_length": c.head_dim,
-                  "attention.value_length": c.head_dim, "attention.layer_norm_rms_epsilon": c.rms_norm_eps,
-                  **specific}
+    return arch, {"vocab_size": c.vocab_size, "embedding_length": c.hidden_size,
+                  "block_count": c.num_hidden_layers,
+                  "feed_forward_length": c.intermediate_size,
+                  "attention.head_count": c.num_attention_heads,
+                  "attention.head_count_kv": c.num_key_value_heads,
+                  "attention.key_length": c.head_dim, "attention.value_length": c.head_dim,
+                  "attention.layer_norm_rms_epsilon": c.rms_norm_eps, **specific}
 
 
 def gguf_key_map(model) -> KeyMap:
     """The llama.cpp key map of a model's architecture (chapters 7 and 9), to run backwards."""
-    return (gemma.gguf_key_map if type(model) is gemma.Gemma else llama.gguf_key_map)(model.config)
+    return (gemma.gguf_key_map if type(model) is gemma.Gemma
+            else llama.gguf_key_map)(model.config)
 
 # %% ../nbs/15_export.ipynb #c39810a9
-GGUF_GEMMAS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}   # transformers' -> llama.cpp's name
+# transformers' -> llama.cpp's name
+GGUF_GEMMAS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 
 def _refuse(problems: list[str], arch: str):
     if problems:
-        raise ValueError(f"llama.cpp's {arch} architecture can't hold this model: {'; '.join(problems)}")
+        raise ValueError(f"llama.cpp's {arch} architecture can't hold this model: "
+                         f"{'; '.join(problems)}")
 
 
 def llama_gguf_config(config) -> dict:
-    """The `llama.*` metadata of a LLaMA or Mistral config: the inverse of chapter 7's `config_from_gguf`."""
+    """The `llama.*` metadata of a LLaMA or Mistral config: the inverse of chapter 7's
+    `config_from_gguf`."""
     _refuse([p for p, bad in [("it has biases", config.attention_bias or config.mlp_bias),
-                             (f"its activation is {config.hidden_act}", config.hidden_act != "silu"),
-                             (f"its RoPE is scaled ({config.rope.kind})", config.rope.kind != "default")] if bad],
+                             (f"its activation is {config.hidden_act}",
+                              config.hidden_act != "silu"),
+                             (f"its RoPE is scaled ({config.rope.kind})",
+                              config.rope.kind != "default")] if bad],
             "llama")
     if config.sliding_window is not None:
-        warnings.warn(f"llama.cpp's llama architecture has no sliding window, so the GGUF attends to every earlier "
-                      f"token: as this model does up to {config.sliding_window} tokens (llama.cpp's own converter "
+        warnings.warn("llama.cpp's llama architecture has no sliding window, so the GGUF "
+                      "attends to every earlier token: as this model does up to "
+                      f"{config.sliding_window} tokens (llama.cpp's own converter "
                       f"writes Mistral so)", stacklevel=4)
-    return {"context_length": config.max_position_embeddings, "rope.freq_base": config.rope.theta,
-            "rope.dimension_count": config.head_dim}
+    return {"context_length": config.max_position_embeddings,
+            "rope.freq_base": config.rope.theta, "rope.dimension_count": config.head_dim}
 
 # %% ../nbs/15_export.ipynb #684a4236
 def gemma_gguf_config(config) -> dict:
-    """The `gemma*.*` metadata of a Gemma 1, 2 or 3 config: the inverse of chapter 9's `config_from_gguf`."""
+    """The `gemma*.*` metadata of a Gemma 1, 2 or 3 config: the inverse of chapter 9's
+    `config_from_gguf`."""
     model_type = gemma.hf_model_type(config)
     arch, L = GGUF_GEMMAS[model_type], config.num_hidden_layers
-    scalar = config.hidden_size // config.num_attention_heads if (arch, L) in (("gemma2", 46), ("gemma3", 62)) \
-        else config.head_dim   # the attention scale llama.cpp derives; nothing in the file can say another
+    # the attention scale llama.cpp derives; nothing in the file can say another
+    scalar = config.hidden_size // config.num_attention_heads \
+        if (arch, L) in (("gemma2", 46), ("gemma3", 62)) \
+        else config.head_dim
     period = {"gemma2": 2, "gemma3": 6}.get(arch)
     rope_kinds = ("default", "linear") if arch == "gemma3" else ("default",)
     _refuse([p for p, bad in [
-        (f"its activation is {config.hidden_activation}", config.hidden_activation != "gelu_pytorch_tanh"),
+        (f"its activation is {config.hidden_activation}",
+         config.hidden_activation != "gelu_pytorch_tanh"),
         (f"its attention scale is 1/√{config.query_pre_attn_scalar}, llama.cpp's 1/√{scalar}",
          arch != "gemma" and (config.query_pre_attn_scalar or config.head_dim) != scalar),
         (f"its RoPE is scaled ({config.rope.kind})", config.rope.kind not in rope_kinds),
-        ("its local layers' RoPE is scaled", config.rope_local is not None and config.rope_local.kind != "default"),
+        ("its local layers' RoPE is scaled",
+         config.rope_local is not None and config.rope_local.kind != "default"),
     ] if bad], arch)
-    meta = {"context_length": config.max_position_embeddings, "rope.freq_base": config.rope.theta}
+    meta = {"context_length": config.max_position_embeddings,
+            "rope.freq_base": config.rope.theta}
     if config.rope.kind == "linear":
         meta |= {"rope.scaling.type": "linear", "rope.scaling.factor": config.rope.factor}
     if arch != "gemma":
         meta["attention.sliding_window"] = config.sliding_window
-        if tuple(config.layer_types) != gemma.interleaved(L, period):   # else llama.cpp's default pattern
-            meta["attention.sliding_window_pattern"] = [t == gemma.SLIDING for t in config.layer_types]
+        # else llama.cpp's default pattern
+        if tuple(config.layer_types) != gemma.interleaved(L, period):
+            meta["attention.sliding_window_pattern"] = [
+                t == gemma.SLIDING for t in config.layer_types]
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, cap) is not None:
             meta[cap] = getattr(config, cap)
@@ -268,41 +311,52 @@ def gemma_gguf_config(config) -> dict:
 
 # %% ../nbs/15_export.ipynb #c61b51ed
 def byte_level_metadata(tokenizer) -> dict:
-    """The `tokenizer.*` metadata of a byte-level BPE tokenizer (GPT-2's kind: llama.cpp's "gpt2" model): every
-    token by id, each one's type (1 normal, 3 control, 4 user-defined), the merges in order, the special ids."""
+    """The `tokenizer.*` metadata of a byte-level BPE tokenizer (GPT-2's kind: llama.cpp's
+    "gpt2" model): every token by id, each one's type (1 normal, 3 control, 4 user-defined),
+    the merges in order, the special ids."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend["model"]["type"] != "BPE" or '"ByteLevel"' not in json.dumps(backend.get("pre_tokenizer")):
-        raise ValueError(f"llmjax writes into a GGUF the tokenizer of a GGUF it read, or a byte-level BPE tokenizer; "
-                         f"this one is a {backend['model']['type']} model without a byte-level pre-tokenizer")
+    if backend["model"]["type"] != "BPE" or \
+            '"ByteLevel"' not in json.dumps(backend.get("pre_tokenizer")):
+        raise ValueError("llmjax writes into a GGUF the tokenizer of a GGUF it read, or a "
+                         f"byte-level BPE tokenizer; this one is a {backend['model']['type']} "
+                         "model without a byte-level pre-tokenizer")
     vocab = tokenizer.get_vocab()   # the added tokens too
     tokens = sorted(vocab, key=vocab.get)
     if [vocab[t] for t in tokens] != list(range(len(tokens))):
-        raise ValueError("the tokenizer's ids have gaps, which a GGUF's list of tokens can't hold")
+        raise ValueError("the tokenizer's ids have gaps, which a GGUF's list of tokens "
+                         "can't hold")
     added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [(3 if added[t] else 4) if t in added else 1 for t in tokens],
-            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]}
-    for key, name in [("bos_token_id", "bos"), ("eos_token_id", "eos"), ("unknown_token_id", "unk"),
-                      ("padding_token_id", "pad")]:
+            "tokenizer.ggml.token_type": [(3 if added[t] else 4) if t in added else 1
+                                          for t in tokens],
+            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m)
+                                      for m in backend["model"]["merges"]]}
+    for key, name in [("bos_token_id", "bos"), ("eos_token_id", "eos"),
+                      ("unknown_token_id", "unk"), ("padding_token_id", "pad")]:
         if (token := getattr(tokenizer, f"{name}_token_id")) is not None:
             meta[f"tokenizer.ggml.{key}"] = token
-    plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
-    meta["tokenizer.ggml.add_bos_token"] = len(full) > len(plain) and full[0] == tokenizer.bos_token_id
-    meta["tokenizer.ggml.add_eos_token"] = len(full) > len(plain) and full[-1] == tokenizer.eos_token_id
+    plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], \
+        tokenizer("a")["input_ids"]
+    meta["tokenizer.ggml.add_bos_token"] = len(full) > len(plain) and \
+        full[0] == tokenizer.bos_token_id
+    meta["tokenizer.ggml.add_eos_token"] = len(full) > len(plain) and \
+        full[-1] == tokenizer.eos_token_id
     if isinstance(tokenizer.chat_template, str):
         meta["tokenizer.chat_template"] = tokenizer.chat_template
     return meta
 
 
 def gguf_tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
-    """The `tokenizer.*` metadata to write: the source file's own, which a tokenizer chapter 4 read from a GGUF
-    keeps (`gguf_metadata`), else built from a byte-level BPE tokenizer."""
+    """The `tokenizer.*` metadata to write: the source file's own, which a tokenizer chapter 4
+    read from a GGUF keeps (`gguf_metadata`), else built from a byte-level BPE tokenizer."""
     if not hasattr(tokenizer, "backend_tokenizer"):
-        raise ValueError("a GGUF holds its tokenizer: pass the tokenizer llmjax.load returned with the model")
+        raise ValueError("a GGUF holds its tokenizer: pass the tokenizer llmjax.load returned "
+                         "with the model")
     meta = getattr(tokenizer, "gguf_metadata", None) or byte_level_metadata(tokenizer)
     if len(meta["tokenizer.ggml.tokens"]) != vocab_size:
-        raise ValueError(f"the tokenizer has {len(meta['tokenizer.ggml.tokens'])} tokens, the model's vocabulary "
-                         f"{vocab_size}; a GGUF needs one token per row of the embedding")
+        raise ValueError(f"the tokenizer has {len(meta['tokenizer.ggml.tokens'])} tokens, the "
+                         f"model's vocabulary {vocab_size}; a GGUF needs one token per row of "
+                         "the embedding")
     return meta
 
 # %% ../nbs/15_export.ipynb #b5cdc6ba
@@ -313,8 +367,9 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
 
 
 def gguf_type(tensor: np.ndarray, dtype: str) -> gguf.GGMLQuantizationType:
-    """How llama.cpp's converter stores each tensor: vectors (norm scales) always as F32; a matrix as `dtype`, or
-    as F16 when Q8_0 was asked for but its rows don't cut into blocks of 32."""
+    """How llama.cpp's converter stores each tensor: vectors (norm scales) always as F32; a
+    matrix as `dtype`, or as F16 when Q8_0 was asked for but its rows don't cut into blocks
+    of 32."""
     if tensor.ndim == 1 or dtype == "f32":
         return GGUF_TYPES["f32"]
     if dtype == "q8_0" and tensor.shape[-1] % 32:
@@ -323,7 +378,8 @@ def gguf_type(tensor: np.ndarray, dtype: str) -> gguf.GGMLQuantizationType:
 
 
 def gguf_tensor(tensor: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarray:
-    """A tensor's data as the file holds it: float32 or float16 values, or Q8_0 blocks as raw bytes."""
+    """A tensor's data as the file holds it: float32 or float16 values, or Q8_0 blocks as raw
+    bytes."""
     if kind == GGUF_TYPES["f32"]:
         return np.asarray(tensor, np.float32)
     if kind == GGUF_TYPES["f16"]:
@@ -332,11 +388,13 @@ def gguf_tensor(tensor: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarr
 
 # %% ../nbs/15_export.ipynb #118b1daa
 def export_gguf(model, tokenizer, path, *, dtype: str = "f32") -> Path:
-    """Write `model` and its `tokenizer` as one GGUF file that llama.cpp reads: hyperparameters and tokenizer as
-    metadata, tensors under llama.cpp's names, matrices as `dtype` ("f32", "f16" or "q8_0"; norm scales stay F32).
-    The file appears whole or not at all; an existing one is refused."""
+    """Write `model` and its `tokenizer` as one GGUF file that llama.cpp reads: hyperparameters
+    and tokenizer as metadata, tensors under llama.cpp's names, matrices as `dtype` ("f32",
+    "f16" or "q8_0"; norm scales stay F32). The file appears whole or not at all; an existing
+    one is refused."""
     if dtype not in GGUF_TYPES:
-        raise ValueError(f"{dtype!r} is not a GGUF type llmjax writes; choose one of {', '.join(GGUF_TYPES)}")
+        raise ValueError(f"{dtype!r} is not a GGUF type llmjax writes; choose one of "
+                         f"{', '.join(GGUF_TYPES)}")
     path = check_file_target(path)
     arch, hyperparameters = gguf_config(model)
     check_merged(model)
@@ -345,19 +403,21 @@ def export_gguf(model, tokenizer, path, *, dtype: str = "f32") -> Path:
     for name, tensor in checkpoint_tensors(model, gguf_key_map(model)).items():
         kind = gguf_type(tensor, dtype)
         tensors[name] = gguf_tensor(tensor, kind), kind
-    metadata = {f"{arch}.{key}": value for key, value in hyperparameters.items()} | vocabulary | \
-        {"general.file_type": int(FILE_TYPES[dtype]), "general.quantization_version": gguf.GGML_QUANT_VERSION}
+    metadata = {f"{arch}.{key}": value for key, value in hyperparameters.items()} \
+        | vocabulary | {"general.file_type": int(FILE_TYPES[dtype]),
+                        "general.quantization_version": gguf.GGML_QUANT_VERSION}
     with atomic_file(path) as partial:
         write_gguf(partial, arch, metadata, tensors)
     return path
 
 # %% ../nbs/15_export.ipynb #a93b423e
 def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple]):
-    """A GGUF file through the gguf package's writer: `metadata` {key: value} (an int as uint32, a float as float32,
-    lists as arrays), then `tensors` {name: (data as `gguf_tensor` gives it, its GGML type)}."""
+    """A GGUF file through the gguf package's writer: `metadata` {key: value} (an int as
+    uint32, a float as float32, lists as arrays), then `tensors` {name: (data as `gguf_tensor`
+    gives it, its GGML type)}."""
     writer = gguf.GGUFWriter(path, arch)
-    adders = {bool: writer.add_bool, int: writer.add_uint32, float: writer.add_float32, str: writer.add_string,
-              list: writer.add_array}
+    adders = {bool: writer.add_bool, int: writer.add_uint32, float: writer.add_float32,
+              str: writer.add_string, list: writer.add_array}
     for key, value in metadata.items():
         adders[type(value)](key, value)
     for name, (data, kind) in tensors.items():
@@ -378,24 +438,27 @@ def check_file_target(path) -> Path:
 
 @contextlib.contextmanager
 def atomic_file(path):
-    """A temporary file next to `path` to write into: when the block ends it is flushed to the disk and linked to
-    `path` (a link never replaces a file, unlike a rename); when the block raises, it is removed, with any parent
-    folder made for it."""
+    """A temporary file next to `path` to write into: when the block ends it is flushed to the
+    disk and linked to `path` (a link never replaces a file, unlike a rename); when the block
+    raises, it is removed, with any parent folder made for it."""
     path = check_file_target(path)
-    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]   # innermost first
+    # innermost first
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                           suffix=".partial")
     os.close(descriptor)
     partial = Path(partial)
     try:
         yield partial
         _sync_file(partial)
-        os.chmod(partial, 0o644)   # mkstemp's file is private to its owner; a model file is an ordinary one
+        # mkstemp's file is private to its owner; a model file is an ordinary one
+        os.chmod(partial, 0o644)
         try:
             os.link(partial, path)
         except FileExistsError:
-            raise ValueError(f"{path} was created by something else during the export; export to a new file") \
-                from None
+            raise ValueError(f"{path} was created by something else during the export; export "
+                             "to a new file") from None
         _sync_file(path.parent)
     finally:
         partial.unlink(missing_ok=True)

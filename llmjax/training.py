@@ -43,22 +43,26 @@ IGNORE = -100   # transformers' ignore_index: a label that is not learned
 
 
 def next_token_targets(labels: jax.Array) -> jax.Array:
-    """labels [B, T] -> what each position must predict [B, T]: the next label, and IGNORE at the last position."""
+    """labels [B, T] -> what each position must predict [B, T]: the next label, and IGNORE at
+    the last position."""
     labels = jnp.asarray(labels, jnp.int32)
     return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
 
 
 def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """-log p(next label) at every position, float32 [B, T] (0 where the target is IGNORE), and where it counts."""
+    """-log p(next label) at every position, float32 [B, T] (0 where the target is IGNORE), and
+    where it counts."""
     targets = next_token_targets(labels)
     counted = targets != IGNORE
     logits = jnp.asarray(logits).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, jnp.where(counted, targets, 0)[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(logits,
+                                 jnp.where(counted, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(counted, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0), counted
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """The mean next-token loss over the labels that are not IGNORE: what transformers' `labels=` returns."""
+    """The mean next-token loss over the labels that are not IGNORE: what transformers'
+    `labels=` returns."""
     losses, counted = token_losses(logits, labels)
     return losses.sum() / counted.sum()
 
@@ -75,7 +79,8 @@ class Document:
 
 
 def text_document(tokenizer, text: str) -> Document:
-    """Plain text, learned whole: the tokenizer's ids (with its BOS, if it adds one), then its EOS."""
+    """Plain text, learned whole: the tokenizer's ids (with its BOS, if it adds one), then its
+    EOS."""
     ids = list(tokenizer(text)["input_ids"])
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
@@ -88,26 +93,31 @@ def _render(tokenizer, messages, **kwargs) -> str:
 
 
 def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation as the chat template writes it, and the character span of each assistant turn in it: from
-    after the template's "assistant speaks" prompt to the end of the turn (its end-of-turn marker included)."""
+    """The conversation as the chat template writes it, and the character span of each
+    assistant turn in it: from after the template's "assistant speaks" prompt to the end of the
+    turn (its end-of-turn marker included)."""
     text, spans = _render(tokenizer, messages), []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render(tokenizer, messages[:i + 1])
-        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
-            raise ValueError("the tokenizer's chat template doesn't write a conversation as its turns one after "
-                             "another, so the assistant's turns can't be found in it")
+        if not (text.startswith(before) and text.startswith(through)
+                and len(before) <= len(through)):
+            raise ValueError("the tokenizer's chat template doesn't write a conversation as "
+                             "its turns one after another, so the assistant's turns can't be "
+                             "found in it")
         spans.append((len(before), len(through)))
     return text, spans
 
 
 def chat_document(tokenizer, messages: Sequence[dict]) -> Document:
-    """A conversation through the tokenizer's chat template, learned only where the assistant speaks."""
+    """A conversation through the tokenizer's chat template, learned only where the assistant
+    speaks."""
     text, spans = assistant_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    learned = [b > a and any(start <= a and b <= end for start, end in spans) for a, b in encoded["offset_mapping"]]
+    learned = [b > a and any(start <= a and b <= end for start, end in spans)
+               for a, b in encoded["offset_mapping"]]
     return Document(np.asarray(encoded["input_ids"], np.int32), np.asarray(learned, bool))
 
 # %% ../nbs/14_training.ipynb #8a7371f4
@@ -117,12 +127,14 @@ class Batch:
     """Rows of training data, int32 [B, T] each."""
 
     tokens: jax.Array
-    segments: jax.Array   # the attention mask: 0 on padding, else the token's document in its row (1, 2, ...)
+    # the attention mask: 0 on padding, else the token's document in its row (1, 2, ...)
+    segments: jax.Array
     labels: jax.Array     # the token where it is learned, IGNORE where it is not
 
 # %% ../nbs/14_training.ipynb #5bd20ccf
 def router_top_k(model: nnx.Module) -> int | None:
-    """How many experts each token uses, if the model has mixture-of-experts layers (chapter 10); else None."""
+    """How many experts each token uses, if the model has mixture-of-experts layers (chapter
+    10); else None."""
     found = {m.top_k for _, m in nnx.iter_modules(model) if isinstance(m, SparseMoE)}
     return found.pop() if found else None
 
@@ -134,7 +146,8 @@ class LossTerms:
 
     total: jax.Array       # float32 []: the sum of -log p over the counted targets
     count: jax.Array       # int32 []: how many targets are counted
-    balance: jax.Array     # float32 []: the load-balancing loss over the batch's tokens (0 without experts)
+    # float32 []: the load-balancing loss over the batch's tokens (0 without experts)
+    balance: jax.Array
 
 
 def loss_terms(model: nnx.Module, batch: Batch) -> LossTerms:
@@ -142,30 +155,35 @@ def loss_terms(model: nnx.Module, batch: Batch) -> LossTerms:
     if top_k is None:
         logits, balance = model(batch.tokens, attention_mask=batch.segments), jnp.float32(0)
     else:
-        logits, router_logits = with_router_logits(model, batch.tokens, attention_mask=batch.segments)
+        logits, router_logits = with_router_logits(model, batch.tokens,
+                                                   attention_mask=batch.segments)
         balance = load_balancing_loss(router_logits, top_k, jnp.asarray(batch.segments) != 0)
     losses, counted = token_losses(logits, batch.labels)
     return LossTerms(losses.sum(), counted.sum(), balance)
 
 
 def model_loss(model: nnx.Module, batch: Batch, balance_weight: float = 0.0) -> jax.Array:
-    """transformers' `labels=` loss of `model` on `batch`: the mean token loss, plus balance_weight (its
-    `router_aux_loss_coef`) times the load-balancing loss for a mixture of experts."""
+    """transformers' `labels=` loss of `model` on `batch`: the mean token loss, plus
+    balance_weight (its `router_aux_loss_coef`) times the load-balancing loss for a mixture of
+    experts."""
     terms = loss_terms(model, batch)
     return terms.total / terms.count + balance_weight * terms.balance
 
 # %% ../nbs/14_training.ipynb #9aed1dde
-def checkpoint_gradients(model: nnx.Module, grads: nnx.State, key_map) -> dict[str, np.ndarray]:
-    """Gradients of `model`'s parameters (a State shaped like them) as the gradients of the checkpoint tensors that
-    `key_map` fills them from — right for key maps whose transforms are linear (transposes, splits, stacks)."""
+def checkpoint_gradients(model: nnx.Module, grads: nnx.State,
+                         key_map) -> dict[str, np.ndarray]:
+    """Gradients of `model`'s parameters (a State shaped like them) as the gradients of the
+    checkpoint tensors that `key_map` fills them from — right for key maps whose transforms are
+    linear (transposes, splits, stacks)."""
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     return checkpoint_tensors(nnx.merge(graphdef, grads, rest), key_map)
 
 # %% ../nbs/14_training.ipynb #cd2ee34e
 def best_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
-    """Bins of total size <= capacity holding every item, by best-fit decreasing: the largest item first, each into
-    the fullest bin it fits in. -> each bin's items (indices into sizes), in index order."""
-    bins, room = [], []                          # room: sorted (space left, bin) for bins with space left
+    """Bins of total size <= capacity holding every item, by best-fit decreasing: the largest
+    item first, each into the fullest bin it fits in. -> each bin's items (indices into sizes),
+    in index order."""
+    bins, room = [], []               # room: sorted (space left, bin) for bins with space left
     for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         found = bisect.bisect_left(room, (sizes[item], -1))
         if found == len(room):
@@ -182,7 +200,8 @@ def best_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
 # %% ../nbs/14_training.ipynb #cc41b111
 @dataclasses.dataclass(frozen=True)
 class Rows:
-    """Documents packed into N rows of T tokens: tokens, segment ids and labels, NumPy int32 [N, T] each."""
+    """Documents packed into N rows of T tokens: tokens, segment ids and labels, NumPy int32
+    [N, T] each."""
 
     tokens: np.ndarray
     segments: np.ndarray
@@ -192,12 +211,14 @@ class Rows:
         return len(self.tokens)
 
     def batch(self, rows) -> Batch:
-        return Batch(*(jnp.asarray(a[np.asarray(rows)]) for a in (self.tokens, self.segments, self.labels)))
+        return Batch(*(jnp.asarray(a[np.asarray(rows)])
+                       for a in (self.tokens, self.segments, self.labels)))
 
 
 def pack(documents: Sequence[Document], length: int, pad_id: int = 0) -> Rows:
-    """Documents into rows of `length` tokens, each row's documents numbered 1, 2, ... by its segment ids, the rest
-    padding. A document longer than a row is cut into pieces; the first label of each piece is IGNORE."""
+    """Documents into rows of `length` tokens, each row's documents numbered 1, 2, ... by its
+    segment ids, the rest padding. A document longer than a row is cut into pieces; the first
+    label of each piece is IGNORE."""
     pieces = [(d, start, min(start + length, len(doc))) for d, doc in enumerate(documents)
               for start in range(0, len(doc), length)]
     bins = best_fit([stop - start for _, start, stop in pieces], length)
@@ -210,7 +231,8 @@ def pack(documents: Sequence[Document], length: int, pad_id: int = 0) -> Rows:
             doc, end = documents[d], at + stop - start
             tokens[row, at:end] = doc.tokens[start:stop]
             segments[row, at:end] = segment
-            labels[row, at:end] = np.where(doc.learned[start:stop], doc.tokens[start:stop], IGNORE)
+            labels[row, at:end] = np.where(doc.learned[start:stop],
+                                           doc.tokens[start:stop], IGNORE)
             labels[row, at] = IGNORE
             at = end
     return Rows(tokens, segments, labels)
@@ -220,15 +242,17 @@ def _read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}): convert it, or leave it out") from None
+        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}): convert it, or "
+                         "leave it out") from None
 
 
 def _messages(record: dict, where: str) -> list[dict]:
     messages = record["messages"]
     if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)):
-        raise ValueError(f'{where}: "messages" must be a list of {{"role": ..., "content": ...}} with string values')
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError(f'{where}: "messages" must be a list of {{"role": ..., "content": '
+                         f'...}} with string values')
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: the conversation has no assistant message to learn from")
     return messages
@@ -245,7 +269,8 @@ def _jsonl_records(file: Path) -> list:
         except ValueError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not ({"messages", "text"} & record.keys()):
-            raise ValueError(f'{where}: each line must be a JSON object with "messages" (a chat) or "text"')
+            raise ValueError(f'{where}: each line must be a JSON object with "messages" (a '
+                             'chat) or "text"')
         if "messages" in record:
             records.append(_messages(record, where))
         elif not isinstance(record["text"], str):
@@ -256,11 +281,13 @@ def _jsonl_records(file: Path) -> list:
 
 # %% ../nbs/14_training.ipynb #e22a3af3
 def read_records(path) -> list:
-    """The texts (str) and conversations (lists of messages) at `path`: a text file (one text), a folder (each .txt
-    file under it, in sorted order), or a .jsonl file of {"messages": [...]} and {"text": ...} lines."""
+    """The texts (str) and conversations (lists of messages) at `path`: a text file (one text),
+    a folder (each .txt file under it, in sorted order), or a .jsonl file of {"messages":
+    [...]} and {"text": ...} lines."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give a text file, a folder of .txt files or a .jsonl file")
+        raise FileNotFoundError(f"{path} does not exist: give a text file, a folder of .txt "
+                                "files or a .jsonl file")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
@@ -276,27 +303,33 @@ def read_records(path) -> list:
 
 
 def tokenize(tokenizer, records: Sequence) -> list[Document]:
-    """Texts and conversations as documents: texts learned whole, conversations where the assistant speaks."""
-    return [text_document(tokenizer, r) if isinstance(r, str) else chat_document(tokenizer, r) for r in records]
+    """Texts and conversations as documents: texts learned whole, conversations where the
+    assistant speaks."""
+    return [text_document(tokenizer, r) if isinstance(r, str) else chat_document(tokenizer, r)
+            for r in records]
 
 
 def load_rows(path, tokenizer, model: nnx.Module, length: int) -> Rows:
-    """The training data at `path` tokenised and packed into rows of `length` tokens for `model`."""
+    """The training data at `path` tokenised and packed into rows of `length` tokens for
+    `model`."""
     context, vocab = model.config.context_length, model.config.vocab_size
     if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= context:
-        raise ValueError(f"rows must hold 2 to {context} tokens (the model's context_length), got {length!r}")
+        raise ValueError(f"rows must hold 2 to {context} tokens (the model's context_length), "
+                         f"got {length!r}")
     rows = pack(tokenize(tokenizer, read_records(path)), length)
     if int(rows.tokens.max()) >= vocab:
-        raise ValueError(f"the tokenizer makes token id {int(rows.tokens.max())} but the model has {vocab} ids: "
-                         "use the model's own tokenizer")
+        raise ValueError(f"the tokenizer makes token id {int(rows.tokens.max())} but the "
+                         f"model has {vocab} ids: use the model's own tokenizer")
     if not (next_token_targets(rows.labels) != IGNORE).any():
-        raise ValueError(f"{path} has nothing to learn: no learned token follows another token of its document")
+        raise ValueError(f"{path} has nothing to learn: no learned token follows another "
+                         "token of its document")
     return rows
 
 # %% ../nbs/14_training.ipynb #244f67ba
 @dataclasses.dataclass(frozen=True)
 class DataState:
-    """Where a run is in its data: the epoch, the rows of it served so far, and the seed of every epoch's order."""
+    """Where a run is in its data: the epoch, the rows of it served so far, and the seed of
+    every epoch's order."""
 
     epoch: int = 0
     index: int = 0
@@ -304,24 +337,28 @@ class DataState:
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The order rows are served in during `epoch`: a permutation that depends only on (seed, epoch)."""
+    """The order rows are served in during `epoch`: a permutation that depends only on (seed,
+    epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
 def next_batch(rows: Rows, state: DataState, batch_size: int) -> tuple[Batch, DataState]:
     """The batch at `state`, and the state after it."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= len(rows):
-        raise ValueError(f"batch_size must be a whole number from 1 to the number of rows ({len(rows)}), "
-                         f"got {batch_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
+            not 1 <= batch_size <= len(rows):
+        raise ValueError("batch_size must be a whole number from 1 to the number of rows "
+                         f"({len(rows)}), got {batch_size!r}")
     if state.index + batch_size > len(rows):
         state = dataclasses.replace(state, epoch=state.epoch + 1, index=0)
-    chosen = epoch_order(len(rows), state.seed, state.epoch)[state.index:state.index + batch_size]
+    chosen = epoch_order(len(rows), state.seed,
+                         state.epoch)[state.index:state.index + batch_size]
     return rows.batch(chosen), dataclasses.replace(state, index=state.index + batch_size)
 
 # %% ../nbs/14_training.ipynb #2acca221
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How to train: AdamW's settings, the learning-rate schedule, clipping, and micro-batches per step."""
+    """How to train: AdamW's settings, the learning-rate schedule, clipping, and micro-batches
+    per step."""
 
     learning_rate: float = 3e-4          # the peak, reached at the end of warm-up
     warmup_steps: int = 100
@@ -332,41 +369,48 @@ class TrainConfig:
     b2: float = 0.95
     eps: float = 1e-8
     max_grad_norm: float = 1.0           # the gradient's global norm is clipped to this
-    micro_batches: int = 1               # a step's batch is split into this many, run one after the other
-    balance_weight: float = 0.001        # the load-balancing loss's weight, for a mixture of experts
+    # a step's batch is split into this many, run one after the other
+    micro_batches: int = 1
+    # the load-balancing loss's weight, for a mixture of experts
+    balance_weight: float = 0.001
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warm-up from 0 to the peak, then half a cosine down to the floor at total_steps."""
-    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, config.total_steps,
-                                              config.final_learning_rate)
+    """Linear warm-up from 0 to the peak, then half a cosine down to the floor at
+    total_steps."""
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
+                                              config.total_steps, config.final_learning_rate)
 
 
 def decayed(params) -> dict:
-    """Which parameters weight decay applies to: matrices (kernels, expert stacks, embeddings), not vectors (norm
-    scales, biases)."""
+    """Which parameters weight decay applies to: matrices (kernels, expert stacks, embeddings),
+    not vectors (norm scales, biases)."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 @functools.cache
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Clip the gradient's global norm, then AdamW on the schedule, decaying only the `decayed` parameters. One
-    transformation per config: optimizers built from equal configs are equal, and share a compiled train step."""
+    """Clip the gradient's global norm, then AdamW on the schedule, decaying only the `decayed`
+    parameters. One transformation per config: optimizers built from equal configs are equal,
+    and share a compiled train step."""
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                       optax.adamw(learning_rate_schedule(config), config.b1, config.b2, config.eps,
-                                   weight_decay=config.weight_decay, mask=decayed))
+                       optax.adamw(learning_rate_schedule(config), config.b1, config.b2,
+                                   config.eps, weight_decay=config.weight_decay, mask=decayed))
 
 # %% ../nbs/14_training.ipynb #22e07028
-def gradients(model: nnx.Module, batch: Batch, *, micro_batches: int = 1, balance_weight: float = 0.0,
-              wrt=nnx.Param) -> tuple[nnx.State, dict]:
-    """The gradient of the batch's loss for the `wrt` parameters, accumulated over `micro_batches` parts of the
-    batch so that it is the whole batch's -> (gradients, metrics)."""
+def gradients(model: nnx.Module, batch: Batch, *, micro_batches: int = 1,
+              balance_weight: float = 0.0, wrt=nnx.Param) -> tuple[nnx.State, dict]:
+    """The gradient of the batch's loss for the `wrt` parameters, accumulated over
+    `micro_batches` parts of the batch so that it is the whole batch's -> (gradients,
+    metrics)."""
     rows = batch.tokens.shape[0]
     if rows % micro_batches:
-        raise ValueError(f"a batch of {rows} rows can't be split into {micro_batches} equal micro-batches")
+        raise ValueError(f"a batch of {rows} rows can't be split into {micro_batches} equal "
+                         "micro-batches")
     graphdef, params, rest = nnx.split(model, wrt, ...)
     count = jnp.maximum((next_token_targets(batch.labels) != IGNORE).sum(), 1)
-    parts = jax.tree.map(lambda a: jnp.reshape(a, (micro_batches, rows // micro_batches, *a.shape[1:])), batch)
+    parts = jax.tree.map(
+        lambda a: jnp.reshape(a, (micro_batches, rows // micro_batches, *a.shape[1:])), batch)
 
     def objective(params, part: Batch):
         terms = loss_terms(nnx.merge(graphdef, params, rest), part)
@@ -378,18 +422,20 @@ def gradients(model: nnx.Module, batch: Batch, *, micro_batches: int = 1, balanc
 
     grads, terms = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), parts)
     token_loss, balance = terms.total.sum() / count, terms.balance.mean()
-    return grads, dict(loss=token_loss + balance_weight * balance, token_loss=token_loss, balance=balance,
-                       targets=count)
+    return grads, dict(loss=token_loss + balance_weight * balance, token_loss=token_loss,
+                       balance=balance, targets=count)
 
 
 def train_state(model: nnx.Module, config: TrainConfig, wrt=nnx.Param):
-    """(graphdef, state) of the model and its optimizer, as train_step takes them; `wrt` is what is trained."""
+    """(graphdef, state) of the model and its optimizer, as train_step takes them; `wrt` is
+    what is trained."""
     return nnx.split((model, nnx.Optimizer(model, make_optimizer(config), wrt=wrt)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("state",))
 def train_step(graphdef, state, batch: Batch, config: TrainConfig):
-    """One optimizer step on `batch` -> (the next state, metrics). `state` is donated: use only the one returned."""
+    """One optimizer step on `batch` -> (the next state, metrics). `state` is donated: use only
+    the one returned."""
     model, optimizer = nnx.merge(graphdef, state)
     grads, metrics = gradients(model, batch, micro_batches=config.micro_batches,
                                balance_weight=config.balance_weight, wrt=optimizer.wrt)
@@ -397,33 +443,37 @@ def train_step(graphdef, state, batch: Batch, config: TrainConfig):
     return nnx.state((model, optimizer)), metrics | dict(grad_norm=optax.tree.norm(grads))
 
 # %% ../nbs/14_training.ipynb #83eec64f
-REMAT_SETTINGS = (None, *REMAT_POLICIES)    # a model's `remat`: keep every activation, or recompute each block
+# a model's `remat`: keep every activation, or recompute each block
+REMAT_SETTINGS = (None, *REMAT_POLICIES)
 
 
 def saved_bytes(model: nnx.Module, batch: Batch) -> int:
-    """Bytes of the residuals JAX keeps from the loss's forward pass for its backward pass, with the model's remat
-    setting (parameters and the batch themselves not counted): jax.ad_checkpoint.print_saved_residuals' report,
-    added up."""
+    """Bytes of the residuals JAX keeps from the loss's forward pass for its backward pass,
+    with the model's remat setting (parameters and the batch themselves not counted):
+    jax.ad_checkpoint.print_saved_residuals' report, added up."""
     graphdef, params = nnx.split(model)
     report = io.StringIO()
     with contextlib.redirect_stdout(report):
         jax.ad_checkpoint.print_saved_residuals(
-            lambda params, batch: model_loss(nnx.merge(graphdef, params), batch), params, batch)
+            lambda params, batch: model_loss(nnx.merge(graphdef, params), batch),
+            params, batch)
     total = 0
-    for line in report.getvalue().splitlines():                  # "f32[4,512,256] output of mul from ..."
+    for line in report.getvalue().splitlines():       # "f32[4,512,256] output of mul from ..."
         kind, shape, source = re.match(r"(\w+)\[([\d,]*)\] (.*)", line).groups()
         if not source.startswith("from the argument"):
-            total += math.prod(int(n) for n in shape.split(",") if n) * jnp.dtype(SHORT_DTYPES[kind]).itemsize
+            total += math.prod(int(n) for n in shape.split(",") if n) \
+                * jnp.dtype(SHORT_DTYPES[kind]).itemsize
     return total
 
 
-SHORT_DTYPES = dict(f32="float32", bf16="bfloat16", f16="float16", f64="float64", i32="int32", i64="int64",
-                    u32="uint32", i8="int8", u8="uint8", bool="bool")
+SHORT_DTYPES = dict(f32="float32", bf16="bfloat16", f16="float16", f64="float64", i32="int32",
+                    i64="int64", u32="uint32", i8="int8", u8="uint8", bool="bool")
 
 # %% ../nbs/14_training.ipynb #118d5b4e
 def step_costs(model: nnx.Module, batch: Batch, config: TrainConfig, steps: int = 3) -> dict:
-    """One train_step on `batch` with the model's remat setting -> the compiled step's peak temporary memory in
-    bytes (XLA's memory analysis) and the median seconds of `steps` steps after a first one."""
+    """One train_step on `batch` with the model's remat setting -> the compiled step's peak
+    temporary memory in bytes (XLA's memory analysis) and the median seconds of `steps` steps
+    after a first one."""
     graphdef, state = train_state(model, config)
     compiled = train_step.lower(graphdef, state, batch, config).compile()
     seconds = []
@@ -432,48 +482,56 @@ def step_costs(model: nnx.Module, batch: Batch, config: TrainConfig, steps: int 
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         seconds.append(time.perf_counter() - started)
-    return dict(temp_bytes=compiled.memory_analysis().temp_size_in_bytes, seconds=float(np.median(seconds[1:])))
+    return dict(temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
+                seconds=float(np.median(seconds[1:])))
 
 # %% ../nbs/14_training.ipynb #98244eb0
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")   # the attention projections: every architecture has them
+# the attention projections: every architecture has them
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class LoRALinear(nnx.LoRA):
-    """A frozen Linear plus a trainable low-rank update, y = base(x) + (alpha / rank) x A B: nnx.LoRA's A [in, r]
-    and B [r, out] (LoRAParams; B starts at zero, so a new adapter changes nothing), scaled."""
+    """A frozen Linear plus a trainable low-rank update, y = base(x) + (alpha / rank) x A B:
+    nnx.LoRA's A [in, r] and B [r, out] (LoRAParams; B starts at zero, so a new adapter changes
+    nothing), scaled."""
 
     def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
-        super().__init__(base.in_features, rank, base.out_features, base_module=base, rngs=rngs)
+        super().__init__(base.in_features, rank, base.out_features,
+                         base_module=base, rngs=rngs)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.base_module.dtype or x.dtype           # the update computed in the base's dtype
-        update = x.astype(dtype) @ self.lora_a[...].astype(dtype) @ self.lora_b[...].astype(dtype)
+        dtype = self.base_module.dtype or x.dtype     # the update computed in the base's dtype
+        update = x.astype(dtype) @ self.lora_a[...].astype(dtype) \
+            @ self.lora_b[...].astype(dtype)
         return self.base_module(x) + self.scale * update
 
 # %% ../nbs/14_training.ipynb #b8aa4233
 def _children(model: nnx.Module, kind: type) -> list[tuple[str, nnx.Module, str, nnx.Module]]:
-    """(dotted path, parent, attribute, child) for every attribute of a submodule of `model` that is a `kind`."""
+    """(dotted path, parent, attribute, child) for every attribute of a submodule of `model`
+    that is a `kind`."""
     return [(".".join(map(str, (*path, name))), parent, name, child)
-            for path, parent in nnx.iter_modules(model) for name, child in list(vars(parent).items())
-            if isinstance(child, kind)]
+            for path, parent in nnx.iter_modules(model)
+            for name, child in list(vars(parent).items()) if isinstance(child, kind)]
 
 
-def add_lora(model: nnx.Module, rank: int, alpha: float | None = None, targets: Sequence[str] = LORA_TARGETS,
-             *, seed: int = 0) -> nnx.Module:
-    """Wrap the linears named in `targets` (q_proj, up_proj, c_fc, ... as in the checkpoint) in LoRALinear
-    adapters, in place: after loading, so key maps never see them. alpha defaults to rank (a scale of 1)."""
+def add_lora(model: nnx.Module, rank: int, alpha: float | None = None,
+             targets: Sequence[str] = LORA_TARGETS, *, seed: int = 0) -> nnx.Module:
+    """Wrap the linears named in `targets` (q_proj, up_proj, c_fc, ... as in the checkpoint) in
+    LoRALinear adapters, in place: after loading, so key maps never see them. alpha defaults to
+    rank (a scale of 1)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"the LoRA rank must be a whole number above 0, got {rank!r}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if _children(model, LoRALinear):
-        raise ValueError("the model has adapters already: merge_lora them first, or load the model again")
+        raise ValueError("the model has adapters already: merge_lora them first, or load the "
+                         "model again")
     linears = _children(model, nnx.Linear)
     names = sorted({name for _, _, name, _ in linears})
     unknown = sorted(set(targets) - set(names))
     if unknown or not targets:
-        raise ValueError(f"no linear named {', '.join(unknown) or '(none given)'} in this model; its linears are "
-                         f"{', '.join(names)}")
+        raise ValueError(f"no linear named {', '.join(unknown) or '(none given)'} in this "
+                         f"model; its linears are {', '.join(names)}")
     rngs, alpha = nnx.Rngs(seed), float(rank if alpha is None else alpha)
     for _, parent, name, linear in linears:
         if name in targets:
@@ -482,18 +540,21 @@ def add_lora(model: nnx.Module, rank: int, alpha: float | None = None, targets: 
 
 # %% ../nbs/14_training.ipynb #c24eed46
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """Fold every adapter into its base weights, in place (kernel + (alpha / rank) A B, in float32), leaving the
-    plain Linears the model was loaded with: no extra matmuls at inference."""
+    """Fold every adapter into its base weights, in place (kernel + (alpha / rank) A B, in
+    float32), leaving the plain Linears the model was loaded with: no extra matmuls at
+    inference."""
     for _, parent, name, lora in _children(model, LoRALinear):
         kernel = lora.base_module.kernel
-        delta = lora.scale * (lora.lora_a[...].astype(jnp.float32) @ lora.lora_b[...].astype(jnp.float32))
+        delta = lora.scale \
+            * (lora.lora_a[...].astype(jnp.float32) @ lora.lora_b[...].astype(jnp.float32))
         kernel[...] = (kernel[...].astype(jnp.float32) + delta).astype(kernel.dtype)
         setattr(parent, name, lora.base_module)
     return model
 
 # %% ../nbs/14_training.ipynb #afc3a7f7
 def save_adapters(model: nnx.Module, path) -> Path:
-    """The adapters alone, as a safetensors file with their rank, alpha and targets in its metadata."""
+    """The adapters alone, as a safetensors file with their rank, alpha and targets in its
+    metadata."""
     adapters = _children(model, LoRALinear)
     if not adapters:
         raise ValueError("the model has no adapters to save: add_lora, then train them")
@@ -508,19 +569,24 @@ def save_adapters(model: nnx.Module, path) -> Path:
 
 
 def load_adapters(model: nnx.Module, path) -> nnx.Module:
-    """Adapters saved by save_adapters, added to `model` — the base they were trained on, loaded — after checking
-    that every tensor fits (a misfit changes nothing) -> the model."""
+    """Adapters saved by save_adapters, added to `model` — the base they were trained on,
+    loaded — after checking that every tensor fits (a misfit changes nothing) -> the model."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give a file written by save_adapters")
     try:
         with safetensors.safe_open(path, "np") as f:
-            metadata, tensors = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
-        rank, alpha, targets = int(metadata["rank"]), float(metadata["alpha"]), metadata["targets"].split(",")
+            metadata, tensors = f.metadata() or {}, \
+                {key: f.get_tensor(key) for key in f.keys()}
+        rank, alpha, targets = int(metadata["rank"]), float(metadata["alpha"]), \
+            metadata["targets"].split(",")
     except (KeyError, ValueError, safetensors.SafetensorError) as e:
-        raise ValueError(f"{path} is not an adapters file written by save_adapters ({e!r})") from None
-    expected = {f"{key}.{part}": shape for key, _, name, linear in _children(model, nnx.Linear) if name in targets
-                for part, shape in [("lora_a", (linear.in_features, rank)), ("lora_b", (rank, linear.out_features))]}
+        raise ValueError(f"{path} is not an adapters file written by "
+                         f"save_adapters ({e!r})") from None
+    expected = {f"{key}.{part}": shape
+                for key, _, name, linear in _children(model, nnx.Linear) if name in targets
+                for part, shape in [("lora_a", (linear.in_features, rank)),
+                                    ("lora_b", (rank, linear.out_features))]}
     for key in sorted(expected.keys() | tensors.keys()):
         if key not in tensors or key not in expected or tensors[key].shape != expected[key]:
             found = tensors[key].shape if key in tensors else "missing"
@@ -529,13 +595,15 @@ def load_adapters(model: nnx.Module, path) -> nnx.Module:
     add_lora(model, rank, alpha, targets)
     for key, _, _, lora in _children(model, LoRALinear):
         for part in ("lora_a", "lora_b"):
-            getattr(lora, part)[...] = jnp.asarray(tensors[f"{key}.{part}"], getattr(lora, part).dtype)
+            getattr(lora, part)[...] = jnp.asarray(tensors[f"{key}.{part}"],
+                                                   getattr(lora, part).dtype)
     return model
 
 # %% ../nbs/14_training.ipynb #40308263
 @dataclasses.dataclass(frozen=True)
 class StepReport:
-    """One step of a run: its number (the first is 1), its loss, the tokens it read (not padding) and its time."""
+    """One step of a run: its number (the first is 1), its loss, the tokens it read (not
+    padding) and its time."""
 
     step: int
     loss: float
@@ -543,12 +611,14 @@ class StepReport:
     seconds: float
 
 # %% ../nbs/14_training.ipynb #ddab7488
-def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int, steps: int | None = None,
-        out=None, save_every: int = 100, keep: int = 3, resume: bool = False, wrt=nnx.Param, seed: int = 0,
+def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int,
+        steps: int | None = None, out=None, save_every: int = 100, keep: int = 3,
+        resume: bool = False, wrt=nnx.Param, seed: int = 0,
         on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
-    """Train `model` (in place) on `rows` until step `steps` (default config.total_steps), checkpointing to
-    `out`/checkpoints every `save_every` steps and at the end, the last `keep` kept; with `resume`, go on from the
-    newest complete checkpoint there. `wrt` is what is trained, `seed` the data order's. -> each step's report."""
+    """Train `model` (in place) on `rows` until step `steps` (default config.total_steps),
+    checkpointing to `out`/checkpoints every `save_every` steps and at the end, the last `keep`
+    kept; with `resume`, go on from the newest complete checkpoint there. `wrt` is what is
+    trained, `seed` the data order's. -> each step's report."""
     import orbax.checkpoint as ocp
 
     steps = config.total_steps if steps is None else steps
@@ -556,18 +626,21 @@ def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int, 
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number above 0, got {value!r}")
     settings, done = _checked_run(model, rows, config, batch_size, wrt, seed, out, resume)
-    optimizer, kept = nnx.Optimizer(model, make_optimizer(config), wrt=wrt), nnx.Any(wrt, nnx.RngState)
+    optimizer, kept = nnx.Optimizer(model, make_optimizer(config), wrt=wrt), \
+        nnx.Any(wrt, nnx.RngState)
     data, manager = DataState(seed=seed), None
     if out is not None:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
         manager = ocp.CheckpointManager(Path(out).absolute() / "checkpoints", options=options)
     if resume:
-        # Orbax's arrays are committed to a device, a new run's are not, and jit would compile the step again for
-        # them: restored as NumPy and put on the device like a new run's, they reuse its program.
+        # Orbax's arrays are committed to a device, a new run's are not, and jit would
+        # compile the step again for them: restored as NumPy and put on the device like a new
+        # run's, they reuse its program.
         host = lambda tree: jax.tree.map(np.asarray, tree)
         restored = manager.restore(done[-1], args=ocp.args.Composite(
             trained=ocp.args.StandardRestore(host(nnx.state(model, kept))),
-            optimizer=ocp.args.StandardRestore(host(nnx.state(optimizer))), meta=ocp.args.JsonRestore()))
+            optimizer=ocp.args.StandardRestore(host(nnx.state(optimizer))),
+            meta=ocp.args.JsonRestore()))
         nnx.update(model, jax.tree.map(jnp.asarray, restored["trained"]))
         nnx.update(optimizer, jax.tree.map(jnp.asarray, restored["optimizer"]))
         data = DataState(**restored["meta"]["data"])
@@ -578,8 +651,9 @@ def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int, 
             started = time.perf_counter()
             batch, data = next_batch(rows, data, batch_size)
             state, metrics = train_step(graphdef, state, batch, config)
-            history.append(StepReport(step, float(metrics["loss"]), int((batch.segments != 0).sum()),
-                                      time.perf_counter() - started))
+            history.append(
+                StepReport(step, float(metrics["loss"]), int((batch.segments != 0).sum()),
+                           time.perf_counter() - started))
             if on_step is not None:
                 on_step(history[-1])
             if manager is not None and (step % save_every == 0 or step == steps):
@@ -587,9 +661,11 @@ def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int, 
                 manager.save(step, args=ocp.args.Composite(
                     trained=ocp.args.StandardSave(nnx.state(trained, kept)),
                     optimizer=ocp.args.StandardSave(nnx.state(trainer)),
-                    meta=ocp.args.JsonSave(dict(settings=settings, data=dataclasses.asdict(data)))))
+                    meta=ocp.args.JsonSave(
+                        dict(settings=settings, data=dataclasses.asdict(data)))))
     finally:
-        nnx.update((model, optimizer), state)           # the model holds the newest weights, however the loop ended
+        # the model holds the newest weights, however the loop ended
+        nnx.update((model, optimizer), state)
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
@@ -605,20 +681,25 @@ def _fingerprint(arrays) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_settings(model: nnx.Module, rows: Rows, config: TrainConfig, batch_size: int, wrt, seed: int) -> dict:
-    """What a resumed run must share with the run it continues, as JSON: how it trains, on which rows, and which
-    weights it holds fixed (the rows and the frozen weights as fingerprints)."""
+def run_settings(model: nnx.Module, rows: Rows, config: TrainConfig, batch_size: int, wrt,
+                 seed: int) -> dict:
+    """What a resumed run must share with the run it continues, as JSON: how it trains, on
+    which rows, and which weights it holds fixed (the rows and the frozen weights as
+    fingerprints)."""
     frozen = jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(wrt))))
     settings = dict(config=dataclasses.asdict(config), batch_size=batch_size, seed=seed,
                     trained=getattr(wrt, "__name__", repr(wrt)),
-                    rows=_fingerprint((rows.tokens, rows.segments, rows.labels)), frozen=_fingerprint(frozen))
+                    rows=_fingerprint((rows.tokens, rows.segments, rows.labels)),
+                    frozen=_fingerprint(frozen))
     return json.loads(json.dumps(settings))
 
 
 def _differences(saved: dict, wanted: dict) -> list[str]:
     """What differs between two runs' settings, in words."""
-    said = {"rows": "other training rows", "frozen": "other frozen weights (another base model)"}
-    changed = [f"{name}={saved['config'].get(name)!r}, not {value!r}" for name, value in wanted["config"].items()
+    said = {"rows": "other training rows",
+            "frozen": "other frozen weights (another base model)"}
+    changed = [f"{name}={saved['config'].get(name)!r}, not {value!r}"
+               for name, value in wanted["config"].items()
                if saved["config"].get(name) != value]
     for key in ("batch_size", "seed", "trained", "rows", "frozen"):
         if saved.get(key) != wanted[key]:
@@ -627,18 +708,20 @@ def _differences(saved: dict, wanted: dict) -> list[str]:
 
 
 def saved_steps(out) -> list[int]:
-    """The steps of the complete checkpoints in a run's `out` folder, oldest first (a save that was cut short is
-    not one)."""
+    """The steps of the complete checkpoints in a run's `out` folder, oldest first (a save that
+    was cut short is not one)."""
     import orbax.checkpoint as ocp
 
     directory = Path(out) / "checkpoints"
     return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
 
 # %% ../nbs/14_training.ipynb #cf18611a
-def _checked_run(model, rows, config, batch_size, wrt, seed, out, resume) -> tuple[dict, list[int]]:
-    """The run's settings and the steps already saved in `out`, after refusing what can't be done -- before
-    anything is written."""
-    next_batch(rows, DataState(seed=seed), batch_size)               # refuses a batch size the rows can't fill
+def _checked_run(model, rows, config, batch_size, wrt, seed, out,
+                 resume) -> tuple[dict, list[int]]:
+    """The run's settings and the steps already saved in `out`, after refusing what can't be
+    done -- before anything is written."""
+    # refuses a batch size the rows can't fill
+    next_batch(rows, DataState(seed=seed), batch_size)
     settings = run_settings(model, rows, config, batch_size, wrt, seed)
     if out is None:
         if resume:
@@ -646,18 +729,20 @@ def _checked_run(model, rows, config, batch_size, wrt, seed, out, resume) -> tup
         return settings, []
     directory, done = Path(out) / "checkpoints", saved_steps(out)
     if resume and not done:
-        raise ValueError(f"nothing to resume: {directory} holds no complete checkpoint; start the run without "
-                         "resume=True")
+        raise ValueError(f"nothing to resume: {directory} holds no complete checkpoint; start "
+                         "the run without resume=True")
     if done and not resume:
-        raise ValueError(f"{out} holds another run's checkpoints (up to step {done[-1]}): continue it with "
-                         "resume=True, or give another out")
+        raise ValueError(f"{out} holds another run's checkpoints (up to step {done[-1]}): "
+                         "continue it with resume=True, or give another out")
     if resume:
         import orbax.checkpoint as ocp
 
-        reader = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))
+        reader = ocp.CheckpointManager(directory.absolute(),
+                                       options=ocp.CheckpointManagerOptions(create=False))
         with reader:
-            saved = reader.restore(done[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            saved = reader.restore(
+                done[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if changed := _differences(saved["settings"], settings):
-            raise ValueError(f"{directory} holds a run with {'; '.join(changed)}: resume with that run's "
-                             "settings, or start a new run in another out")
+            raise ValueError(f"{directory} holds a run with {'; '.join(changed)}: resume with "
+                             "that run's settings, or start a new run in another out")
     return settings, done
