@@ -513,6 +513,16 @@ def parser() -> argparse.ArgumentParser:
         epilog="`llmjax info` says which JAX backend and devices the commands run on.")
     p.add_argument("--version", action="version", version=f"llmjax {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _generate_parser(sub)
+    _listing_parsers(sub)
+    _validate_parser(sub)
+    _bench_parser(sub)
+    _export_parser(sub)
+    _finetune_parser(sub)
+    return p
+
+# %% ../nbs/18_cli.ipynb #4078b5ae
+def _generate_parser(sub):
     g = sub.add_parser("generate", help="continue a prompt, streaming the text",
                        description="Continue PROMPT (or standard input) with a model, "
                                    "streaming the text; tokens/s go to standard error.")
@@ -538,11 +548,17 @@ def parser() -> argparse.ArgumentParser:
                         "TP); on a CPU, simulate devices with "
                         "XLA_FLAGS=--xla_force_host_platform_device_count=N (default: "
                         "one device)")
+
+# %% ../nbs/18_cli.ipynb #8a56b0ec
+def _listing_parsers(sub):
     sub.add_parser("models", help="list the registered models",
                    description="List the registered models.")
     sub.add_parser("info", help="show the versions, JAX's backend and the devices it sees",
                    description="Show llmjax's version, the libraries it runs on, JAX's "
                                "backend and its devices.")
+
+
+def _validate_parser(sub):
     v = sub.add_parser(
         "validate", help="compare a model with transformers on the same weights",
         description="Compare llmjax with transformers (PyTorch, float32) on the same weights: "
@@ -551,6 +567,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     v.add_argument("--steps", type=int, default=32,
                    help="greedy steps to compare (default: 32)")
+
+# %% ../nbs/18_cli.ipynb #91c23ebb
+def _bench_parser(sub):
     b = sub.add_parser(
         "bench", help="time generation against transformers on the same weights",
         description="Time greedy (or, with --temperature, sampled) generation with llmjax and "
@@ -581,6 +600,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-reference", action="store_true",
                    help="time llmjax alone (no transformers)")
     b.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+
+# %% ../nbs/18_cli.ipynb #a35880e0
+def _export_parser(sub):
     e = sub.add_parser("export", help="write a model as a Hugging Face folder",
                        description="Write a model (a registered name, a model directory or a "
                                    ".gguf file) as a Hugging Face folder that transformers "
@@ -601,13 +623,9 @@ def parser() -> argparse.ArgumentParser:
                    help="a Hugging Face folder, or one GGUF file for llama.cpp (default: hf)")
     e.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"),
                    help="with --format gguf: how the matrices are stored (default: f32)")
-    _finetune_parser(sub)
-    return p
 
-
+# %% ../nbs/18_cli.ipynb #e9bd5aac
 def _finetune_parser(sub):
-    from llmjax.training import LORA_TARGETS
-
     f = sub.add_parser(
         "finetune", help="train a model on your text and write it as a Hugging Face folder",
         description="Fine-tune a model on --data: every weight, or LoRA adapters with "
@@ -633,6 +651,12 @@ def _finetune_parser(sub):
     f.add_argument("--batch", type=int, default=8, help="rows per step (default: 8)")
     f.add_argument("--seq-len", type=int, default=256,
                    help="tokens per row; documents are packed into rows (default: 256)")
+    _finetune_training_args(f)
+
+# %% ../nbs/18_cli.ipynb #15fc0905
+def _finetune_training_args(f):
+    from llmjax.training import LORA_TARGETS
+
     f.add_argument("--lora-rank", type=int, default=0,
                    help="train LoRA adapters of this rank, the base frozen; 0 trains "
                         "every weight (default: 0)")
@@ -651,7 +675,7 @@ def _finetune_parser(sub):
         "--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
         help="the dtype weights are kept, trained and written in (default: float32)")
 
-
+# %% ../nbs/18_cli.ipynb #7ebbf6e0
 def _warn_on_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"llmjax: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
@@ -663,7 +687,7 @@ def main(argv=None) -> int:
         warnings.showwarning = _warn_on_one_line
         return _run(args)
 
-
+# %% ../nbs/18_cli.ipynb #265f1a2a
 def _run(args) -> int:
     try:
         if args.command == "generate":
