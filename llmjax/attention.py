@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['REMAT_POLICIES', 'RoPE', 'rotate_half', 'apply_rope', 'causal_mask', 'sliding_window_mask', 'padding_mask',
            'document_mask', 'make_attention_mask', 'softcap', 'attend', 'LayerCache', 'CacheLayout', 'KVCache',
-           'Attention', 'ModelOutput', 'segment_ids', 'document_positions', 'prepare_inputs', 'run_blocks',
-           'model_output', 'cache_layout', 'check_inputs']
+           'Attention', 'run_blocks', 'ModelOutput', 'model_output', 'prepare_inputs', 'segment_ids',
+           'document_positions', 'cache_layout', 'check_inputs']
 
 # %% ../nbs/03_attention.ipynb #c8ebee25
 import dataclasses
@@ -300,65 +300,6 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
 
 # %% ../nbs/03_attention.ipynb #ad5962e9
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ModelOutput:
-    """What a model returns when asked for more than logits."""
-
-    logits: jax.Array                                 # float32 [B, T, V]
-    cache: KVCache | None = None
-    # L + 1 arrays [B, T, D], as transformers reports them
-    hidden_states: tuple[jax.Array, ...] | None = None
-
-
-def segment_ids(attention_mask: jax.Array | None, shape,
-                one_document: bool = False) -> jax.Array:
-    """int32 [B, T]: 0 on padding, the token's document (1, 2, ...) elsewhere; with
-    one_document, 1 for any token."""
-    if attention_mask is None:
-        return jnp.ones(shape, jnp.int32)
-    mask = jnp.asarray(attention_mask)
-    real = mask != 0
-    if one_document or mask.dtype == bool:
-        return real.astype(jnp.int32)
-    return jnp.where(real, jnp.maximum(mask.astype(jnp.int32), 1), 0)
-
-
-def document_positions(segments: jax.Array) -> jax.Array:
-    """Each token's index within its document [B, T]; padding takes the position of the last
-    token before it, or 0 (so a row of one document counts as it always has: left padding at 0,
-    then 0, 1, 2, ...)."""
-    real = segments > 0
-    count = jnp.cumsum(real, axis=-1)                       # real tokens up to and including t
-    earlier = jnp.concatenate(
-        [jnp.zeros_like(segments[:, :1]), jax.lax.cummax(segments, axis=1)[:, :-1]], -1)
-    # the first token of each document
-    starts = real & (segments > earlier)
-    # real tokens before its document
-    before = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)
-    # the last real token
-    latest = jax.lax.cummax(jnp.where(real, jnp.arange(segments.shape[1]), -1), axis=1)
-    inside = jnp.take_along_axis(count - 1 - before, jnp.maximum(latest, 0), axis=1)
-    return jnp.where(latest >= 0, inside, 0)
-
-
-def prepare_inputs(tokens: jax.Array, positions: jax.Array | None,
-                   attention_mask: jax.Array | None,
-                   cache: KVCache | None) -> tuple[jax.Array, jax.Array, KVCache | None]:
-    """Default positions and segment ids for tokens [B, T]; claims the next T slots of the
-    cache if there is one."""
-    tokens = jnp.asarray(tokens)
-    check_inputs(tokens, attention_mask, cache)
-    valid = segment_ids(attention_mask, tokens.shape, one_document=cache is not None)
-    if positions is None:
-        seen = 0 if cache is None else cache.seen[:, None]
-        positions = seen + document_positions(valid)
-    positions = jnp.asarray(positions, jnp.int32)
-    if cache is not None:
-        cache = cache.append(positions, valid)
-    return positions, valid, cache
-
-
 # what a recomputed block keeps for the backward pass, besides its input (chapter 14)
 REMAT_POLICIES = {
     # nothing: the whole block runs again
@@ -390,6 +331,17 @@ def run_blocks(blocks, x: jax.Array, positions: jax.Array, valid: jax.Array,
     hidden[-1] = x
     return x, cache, (tuple(hidden) if return_hidden_states else None)
 
+# %% ../nbs/03_attention.ipynb #62c83e20
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """What a model returns when asked for more than logits."""
+
+    logits: jax.Array                                 # float32 [B, T, V]
+    cache: KVCache | None = None
+    # L + 1 arrays [B, T, D], as transformers reports them
+    hidden_states: tuple[jax.Array, ...] | None = None
+
 
 def model_output(logits: jax.Array, cache: KVCache | None, hidden_states,
                  return_hidden_states: bool):
@@ -400,7 +352,55 @@ def model_output(logits: jax.Array, cache: KVCache | None, hidden_states,
         return logits
     return ModelOutput(logits, cache, hidden_states)
 
+# %% ../nbs/03_attention.ipynb #a0ce61e1
+def prepare_inputs(tokens: jax.Array, positions: jax.Array | None,
+                   attention_mask: jax.Array | None,
+                   cache: KVCache | None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    """Default positions and segment ids for tokens [B, T]; claims the next T slots of the
+    cache if there is one."""
+    tokens = jnp.asarray(tokens)
+    check_inputs(tokens, attention_mask, cache)
+    valid = segment_ids(attention_mask, tokens.shape, one_document=cache is not None)
+    if positions is None:
+        seen = 0 if cache is None else cache.seen[:, None]
+        positions = seen + document_positions(valid)
+    positions = jnp.asarray(positions, jnp.int32)
+    if cache is not None:
+        cache = cache.append(positions, valid)
+    return positions, valid, cache
 
+# %% ../nbs/03_attention.ipynb #d1e0e8cf
+def segment_ids(attention_mask: jax.Array | None, shape,
+                one_document: bool = False) -> jax.Array:
+    """int32 [B, T]: 0 on padding, the token's document (1, 2, ...) elsewhere; with
+    one_document, 1 for any token."""
+    if attention_mask is None:
+        return jnp.ones(shape, jnp.int32)
+    mask = jnp.asarray(attention_mask)
+    real = mask != 0
+    if one_document or mask.dtype == bool:
+        return real.astype(jnp.int32)
+    return jnp.where(real, jnp.maximum(mask.astype(jnp.int32), 1), 0)
+
+
+def document_positions(segments: jax.Array) -> jax.Array:
+    """Each token's index within its document [B, T]; padding takes the position of the last
+    token before it, or 0 (so a row of one document counts as it always has: left padding at 0,
+    then 0, 1, 2, ...)."""
+    real = segments > 0
+    count = jnp.cumsum(real, axis=-1)                       # real tokens up to and including t
+    earlier = jnp.concatenate(
+        [jnp.zeros_like(segments[:, :1]), jax.lax.cummax(segments, axis=1)[:, :-1]], -1)
+    # the first token of each document
+    starts = real & (segments > earlier)
+    # real tokens before its document
+    before = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)
+    # the last real token
+    latest = jax.lax.cummax(jnp.where(real, jnp.arange(segments.shape[1]), -1), axis=1)
+    inside = jnp.take_along_axis(count - 1 - before, jnp.maximum(latest, 0), axis=1)
+    return jnp.where(latest >= 0, inside, 0)
+
+# %% ../nbs/03_attention.ipynb #89184a50
 def cache_layout(model: nnx.Module) -> CacheLayout:
     """The cache a model needs: its attention layers' KV heads, head width, compute dtype and
     windows."""
