@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['COLUMNS', 'SAMPLED_COLUMNS', 'read_bandwidth', 'weight_bytes_per_token', 'cache_bytes', 'time_llmjax',
-           'time_transformers', 'bench_case', 'load_pair', 'machine', 'run', 'settings', 'table_row', 'table', 'plot',
+           'time_transformers', 'bench_case', 'load_pair', 'machine', 'run', 'table_row', 'settings', 'table', 'plot',
            'plot_roofline']
 
 # %% ../nbs/13_bench.ipynb #a4b8f910
@@ -225,15 +225,6 @@ COLUMNS = ("model", "batch", "llmjax tok/s", "transformers tok/s", "speedup", "r
 SAMPLED_COLUMNS = COLUMNS + ("llmjax step: sampled / greedy",)
 
 
-def settings(sampling: dict) -> str:
-    """'greedy', or the sampling settings, e.g. 'sampled (temperature 0.8, top-p 0.95)'."""
-    if not sampling.get("temperature"):
-        return "greedy"
-    return "sampled (" + ", ".join(f"{name.replace('_', '-')} {value:g}"
-                                   for name, value in sampling.items()
-                                   if value is not None) + ")"
-
-
 def table_row(row: dict) -> list[str]:
     hf, decode = "hf_ttft_s" in row, "speedup" in row
     return [row["model"], str(row["batch"]), f"{row['decode_tok_s']:.1f}",
@@ -245,6 +236,15 @@ def table_row(row: dict) -> list[str]:
             f"{row['hf_ttft_s']:.2f}" if hf else
             f"{row['ttft_cold_s']:.2f} / {row['ttft_s']:.2f}"] + (
             [f"{row['sampled_over_greedy']:.2f}×"] if "sampled_over_greedy" in row else [])
+
+# %% ../nbs/13_bench.ipynb #3f08cf29
+def settings(sampling: dict) -> str:
+    """'greedy', or the sampling settings, e.g. 'sampled (temperature 0.8, top-p 0.95)'."""
+    if not sampling.get("temperature"):
+        return "greedy"
+    return "sampled (" + ", ".join(f"{name.replace('_', '-')} {value:g}"
+                                   for name, value in sampling.items()
+                                   if value is not None) + ")"
 
 
 def table(results: dict) -> str:
@@ -267,7 +267,7 @@ def table(results: dict) -> str:
                     if "torch" in m else "") + f"; {results['date']}")
     return "\n".join(lines)
 
-
+# %% ../nbs/13_bench.ipynb #cd029a41
 def plot(results: dict, ax=None):
     """Decode tokens/s of both libraries for every case, the ratio written over each pair."""
     import matplotlib.pyplot as plt
