@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['COLUMNS', 'SAMPLED_COLUMNS', 'read_bandwidth', 'weight_bytes_per_token', 'cache_bytes', 'time_llmjax',
-           'time_transformers', 'bench_case', 'load_pair', 'machine', 'run', 'table_row', 'settings', 'table', 'plot',
+           'time_transformers', 'bench_case', 'load_pair', 'run', 'machine', 'table_row', 'settings', 'table', 'plot',
            'plot_roofline']
 
 # %% ../nbs/13_bench.ipynb #a4b8f910
@@ -176,27 +176,7 @@ def load_pair(source: str, dtype: str = "float32", reference: bool = True):
     import torch
     return model, load_reference(path, getattr(torch, dtype))
 
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    import os
-    info = dict(platform=platform.platform(),
-                processor=platform.processor() or platform.machine(),
-                cpus=os.cpu_count(), jax=jax.__version__, device=str(jax.devices()[0]))
-    try:
-        import torch, transformers
-        info |= dict(torch=torch.__version__, transformers=transformers.__version__,
-                     torch_threads=torch.get_num_threads())
-    except ImportError:
-        pass
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip()
-                           for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return info
-
-
+# %% ../nbs/13_bench.ipynb #b78f7024
 def run(sources, batches=(1, 8), prompt_tokens: int = 32, new_tokens: int = 128,
         repeats: int = 3, dtype: str = "float32", reference: bool = True, log=None,
         sampling: Sampling = Sampling()) -> dict:
@@ -218,6 +198,26 @@ def run(sources, batches=(1, 8), prompt_tokens: int = 32, new_tokens: int = 128,
         del model, hf
     results["load_after"] = os.getloadavg()[0]
     return results
+
+# %% ../nbs/13_bench.ipynb #a4e4e319
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import os
+    info = dict(platform=platform.platform(),
+                processor=platform.processor() or platform.machine(),
+                cpus=os.cpu_count(), jax=jax.__version__, device=str(jax.devices()[0]))
+    try:
+        import torch, transformers
+        info |= dict(torch=torch.__version__, transformers=transformers.__version__,
+                     torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip()
+                           for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
 
 # %% ../nbs/13_bench.ipynb #ab9cadb0
 COLUMNS = ("model", "batch", "llmjax tok/s", "transformers tok/s", "speedup", "roofline",
