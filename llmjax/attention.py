@@ -179,7 +179,7 @@ class CacheLayout:
     def num_layers(self) -> int:
         return len(self.windows)
 
-
+# %% ../nbs/03_attention.ipynb #d96f3eb8
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -222,29 +222,32 @@ class KVCache:
             written = jax.tree.map(lambda b, x: jax.lax.dynamic_update_slice_in_dim(
                 b, x.astype(b.dtype), start, axis=_slot_axis(b)), old, new)
             return written, self._with_layer(layer, written)
-        # A ring: row b's n-th real token goes to slot n mod W; padding is not written, and of
-        # a prompt longer than the ring only each row's newest W real tokens are.
-        # [B, T]
-        rank = (self.seen - new.valid.sum(-1))[:, None] + jnp.cumsum(new.valid, axis=1) - 1
-        keep = new.valid & (self.seen[:, None] - 1 - rank < size)
-        # `size`: dropped
-        slots, rows = jnp.where(keep, rank % size, size), \
-            jnp.arange(new.valid.shape[0])[:, None]
-        write = lambda b, x: (
-            b.at[rows, :, slots].set(x.transpose(0, 2, 1, 3).astype(b.dtype), mode="drop")
-            if b.ndim == 4 else b.at[rows, slots].set(x.astype(b.dtype), mode="drop"))
-        written = jax.tree.map(write, old, new)
-        # the slot it overwrites held a token W real tokens back: out of the window
-        if T == 1:
-            return written, self._with_layer(layer, written)
-        view = jax.tree.map(
+        # a ring of W slots
+        written = _write_ring(old, new, self.seen)
+        # one new token: the slot it overwrites held a token W real tokens back, out of the
+        # window; a prompt attends over the old ring and the new tokens
+        view = written if T == 1 else jax.tree.map(
             lambda b, x: jnp.concatenate([b, x.astype(b.dtype)], axis=_slot_axis(b)), old, new)
-        # a prompt: attend over the old ring and the new tokens
         return view, self._with_layer(layer, written)
 
     def _with_layer(self, layer: int, written: LayerCache) -> "KVCache":
         return dataclasses.replace(self, layers=tuple(written if i == layer else c
                                                       for i, c in enumerate(self.layers)))
+
+# %% ../nbs/03_attention.ipynb #490a5c3b
+def _write_ring(old: LayerCache, new: LayerCache, seen: jax.Array) -> LayerCache:
+    """Write T new slots [B, T] into a ring of W: row b's n-th real token goes to slot n mod W.
+    `seen` [B] counts each row's real tokens, the new ones included."""
+    size = old.keys.shape[2]
+    # [B, T]
+    rank = (seen - new.valid.sum(-1))[:, None] + jnp.cumsum(new.valid, axis=1) - 1
+    keep = new.valid & (seen[:, None] - 1 - rank < size)
+    # `size`: dropped
+    slots, rows = jnp.where(keep, rank % size, size), jnp.arange(new.valid.shape[0])[:, None]
+    write = lambda b, x: (
+        b.at[rows, :, slots].set(x.transpose(0, 2, 1, 3).astype(b.dtype), mode="drop")
+        if b.ndim == 4 else b.at[rows, slots].set(x.astype(b.dtype), mode="drop"))
+    return jax.tree.map(write, old, new)
 
 # %% ../nbs/03_attention.ipynb #fa88d8de
 class Attention(nnx.Module):
