@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from . import __version__
+from .checkpoints import DTYPES
 from .models import DEFAULT_MODEL, REGISTRY, load
 
 # %% ../nbs/18_cli.ipynb #4c6818d8
@@ -588,7 +589,7 @@ def _bench_parser(sub):
                    help="tokens to generate, at least 2 (default: 128)")
     b.add_argument("--repeats", type=int, default=3,
                    help="timed runs per case; medians are reported (default: 3)")
-    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    b.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
                    help="both libraries' dtype (default: float32)")
     b.add_argument("--temperature", type=float, default=None,
                    help="sample at this temperature, both libraries with the same settings; 0 "
@@ -614,7 +615,7 @@ def _export_parser(sub):
     e.add_argument("--out", required=True, metavar="DIR",
                    help="the folder to write (with --format gguf: the file); it must not "
                         "exist (a folder may be empty)")
-    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    e.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
                    help="the dtype of the written weights (default: float32)")
     e.add_argument("--max-shard-size", default="50GB", metavar="SIZE",
                    help="cut the weights into shards of at most SIZE, e.g. 5GB or 500MB "
@@ -669,10 +670,10 @@ def _finetune_training_args(f):
                    help="checkpoint every N steps, and at the end (default: 100)")
     f.add_argument("--seed", type=int, default=0,
                    help="seed of the data order and the adapters (default: 0)")
-    f.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    f.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
                    help="the compute dtype (default: float32)")
     f.add_argument(
-        "--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        "--param-dtype", default="float32", choices=tuple(DTYPES),
         help="the dtype weights are kept, trained and written in (default: float32)")
 
 # %% ../nbs/18_cli.ipynb #7ebbf6e0
