@@ -326,7 +326,7 @@ def _lora_targets(args) -> list[str]:
     if args.lora_targets is not None and not args.lora_rank:
         raise ValueError("--lora-targets chooses where LoRA adapters go: give --lora-rank "
                          "above 0 too")
-    targets = LORA_TARGETS if args.lora_targets is None else \
+    targets = list(LORA_TARGETS) if args.lora_targets is None else \
         [t.strip() for t in args.lora_targets.split(",")]
     if args.lora_rank and not all(targets):
         raise ValueError(f"--lora-targets {args.lora_targets!r} has an empty name: give names "
