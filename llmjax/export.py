@@ -6,7 +6,7 @@
 __all__ = ['HF_CLASSES', 'UNITS', 'GGUF_GEMMAS', 'GGUF_TYPES', 'FILE_TYPES', 'architecture_of', 'check_merged', 'hf_checkpoint',
            'shards', 'write_json', 'write_safetensors', 'parse_size', 'atomic_folder', 'check_target',
            'generation_config', 'export', 'gguf_config', 'gguf_key_map', 'llama_gguf_config', 'gemma_gguf_config',
-           'byte_level_metadata', 'gguf_tokenizer_metadata', 'gguf_type', 'gguf_tensor', 'export_gguf', 'write_gguf',
+           'gguf_tokenizer_metadata', 'byte_level_metadata', 'gguf_type', 'gguf_tensor', 'export_gguf', 'write_gguf',
            'check_file_target', 'atomic_file']
 
 # %% ../nbs/15_export.ipynb #54ddb97f
@@ -309,6 +309,20 @@ def gemma_gguf_config(config) -> dict:
         meta["rope.freq_base_swa"] = config.rope_local.theta
     return meta
 
+# %% ../nbs/15_export.ipynb #4baff955
+def gguf_tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
+    """The `tokenizer.*` metadata to write: the source file's own, which a tokenizer chapter 4
+    read from a GGUF keeps (`gguf_metadata`), else built from a byte-level BPE tokenizer."""
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise ValueError("a GGUF holds its tokenizer: pass the tokenizer llmjax.load returned "
+                         "with the model")
+    meta = getattr(tokenizer, "gguf_metadata", None) or byte_level_metadata(tokenizer)
+    if len(meta["tokenizer.ggml.tokens"]) != vocab_size:
+        raise ValueError(f"the tokenizer has {len(meta['tokenizer.ggml.tokens'])} tokens, the "
+                         f"model's vocabulary {vocab_size}; a GGUF needs one token per row of "
+                         "the embedding")
+    return meta
+
 # %% ../nbs/15_export.ipynb #c61b51ed
 def byte_level_metadata(tokenizer) -> dict:
     """The `tokenizer.*` metadata of a byte-level BPE tokenizer (GPT-2's kind: llama.cpp's
@@ -343,20 +357,6 @@ def byte_level_metadata(tokenizer) -> dict:
         full[-1] == tokenizer.eos_token_id
     if isinstance(tokenizer.chat_template, str):
         meta["tokenizer.chat_template"] = tokenizer.chat_template
-    return meta
-
-
-def gguf_tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
-    """The `tokenizer.*` metadata to write: the source file's own, which a tokenizer chapter 4
-    read from a GGUF keeps (`gguf_metadata`), else built from a byte-level BPE tokenizer."""
-    if not hasattr(tokenizer, "backend_tokenizer"):
-        raise ValueError("a GGUF holds its tokenizer: pass the tokenizer llmjax.load returned "
-                         "with the model")
-    meta = getattr(tokenizer, "gguf_metadata", None) or byte_level_metadata(tokenizer)
-    if len(meta["tokenizer.ggml.tokens"]) != vocab_size:
-        raise ValueError(f"the tokenizer has {len(meta['tokenizer.ggml.tokens'])} tokens, the "
-                         f"model's vocabulary {vocab_size}; a GGUF needs one token per row of "
-                         "the embedding")
     return meta
 
 # %% ../nbs/15_export.ipynb #b5cdc6ba

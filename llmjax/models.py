@@ -247,7 +247,7 @@ def resolve(source) -> Path:
     raise CheckpointError(f"unknown model {source!r}: not an existing path, not a registered "
                           f"name ({', '.join(REGISTRY)}), not a hub repo id (org/name)")
 
-
+# %% ../nbs/12_models.ipynb #586f815a
 def load(source, dtype="float32", param_dtype=None, *, mesh=None, rules=None):
     """(model, tokenizer) from a path, a registered name or a hub repo id; dtype 'float32' |
     'bfloat16' | 'float16' is the compute dtype, and the parameters' storage dtype unless

@@ -127,7 +127,7 @@ class Strategy:
         `llmjax.load(..., rules=)` takes."""
         return partition_specs(model, self.rules(model), mesh)
 
-
+# %% ../nbs/16_sharding.ipynb #ad075421
 DP = Strategy("DP", batch=P(BOTH), column=P(), row=P(), embedding=P(), unembedding=P())
 FSDP = Strategy("FSDP", batch=P(BOTH), column=P(BOTH), row=P(BOTH), embedding=P(BOTH),
                 unembedding=P(BOTH))
@@ -155,7 +155,7 @@ def fit(spec: P, shape: tuple, mesh, heads: int | None = None, head_dim: int = 1
         fitted.pop()
     return P(*fitted)
 
-
+# %% ../nbs/16_sharding.ipynb #39219d4c
 def partition_specs(model: nnx.Module, rules, mesh) -> dict:
     """{parameter path: PartitionSpec}: each parameter of `model` split as the first rule
     matching its dotted path says, fitted to `mesh`. A parameter no rule matches, or a rule

@@ -301,7 +301,7 @@ def read_records(path) -> list:
         raise ValueError(f"{path} holds no text to train on")
     return records
 
-
+# %% ../nbs/14_training.ipynb #6258df78
 def tokenize(tokenizer, records: Sequence) -> list[Document]:
     """Texts and conversations as documents: texts learned whole, conversations where the
     assistant speaks."""
@@ -374,7 +374,7 @@ class TrainConfig:
     # the load-balancing loss's weight, for a mixture of experts
     balance_weight: float = 0.001
 
-
+# %% ../nbs/14_training.ipynb #2a0157c5
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """Linear warm-up from 0 to the peak, then half a cosine down to the floor at
     total_steps."""
@@ -425,7 +425,7 @@ def gradients(model: nnx.Module, batch: Batch, *, micro_batches: int = 1,
     return grads, dict(loss=token_loss + balance_weight * balance, token_loss=token_loss,
                        balance=balance, targets=count)
 
-
+# %% ../nbs/14_training.ipynb #7ef35468
 def train_state(model: nnx.Module, config: TrainConfig, wrt=nnx.Param):
     """(graphdef, state) of the model and its optimizer, as train_step takes them; `wrt` is
     what is trained."""
@@ -567,7 +567,7 @@ def save_adapters(model: nnx.Module, path) -> Path:
     safetensors.numpy.save_file(tensors, path, metadata=metadata)
     return path
 
-
+# %% ../nbs/14_training.ipynb #f87a046f
 def load_adapters(model: nnx.Module, path) -> nnx.Module:
     """Adapters saved by save_adapters, added to `model` — the base they were trained on,
     loaded — after checking that every tensor fits (a misfit changes nothing) -> the model."""
@@ -619,8 +619,6 @@ def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int,
     checkpointing to `out`/checkpoints every `save_every` steps and at the end, the last `keep`
     kept; with `resume`, go on from the newest complete checkpoint there. `wrt` is what is
     trained, `seed` the data order's. -> each step's report."""
-    import orbax.checkpoint as ocp
-
     steps = config.total_steps if steps is None else steps
     for name, value in dict(steps=steps, save_every=save_every, keep=keep).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -628,22 +626,9 @@ def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int,
     settings, done = _checked_run(model, rows, config, batch_size, wrt, seed, out, resume)
     optimizer, kept = nnx.Optimizer(model, make_optimizer(config), wrt=wrt), \
         nnx.Any(wrt, nnx.RngState)
-    data, manager = DataState(seed=seed), None
-    if out is not None:
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
-        manager = ocp.CheckpointManager(Path(out).absolute() / "checkpoints", options=options)
+    data, manager = DataState(seed=seed), _checkpoint_manager(out, keep)
     if resume:
-        # Orbax's arrays are committed to a device, a new run's are not, and jit would
-        # compile the step again for them: restored as NumPy and put on the device like a new
-        # run's, they reuse its program.
-        host = lambda tree: jax.tree.map(np.asarray, tree)
-        restored = manager.restore(done[-1], args=ocp.args.Composite(
-            trained=ocp.args.StandardRestore(host(nnx.state(model, kept))),
-            optimizer=ocp.args.StandardRestore(host(nnx.state(optimizer))),
-            meta=ocp.args.JsonRestore()))
-        nnx.update(model, jax.tree.map(jnp.asarray, restored["trained"]))
-        nnx.update(optimizer, jax.tree.map(jnp.asarray, restored["optimizer"]))
-        data = DataState(**restored["meta"]["data"])
+        data = _restore(manager, done[-1], model, optimizer, kept)
     graphdef, state = nnx.split((model, optimizer))
     history = []
     try:
@@ -657,12 +642,7 @@ def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int,
             if on_step is not None:
                 on_step(history[-1])
             if manager is not None and (step % save_every == 0 or step == steps):
-                trained, trainer = nnx.merge(graphdef, state)
-                manager.save(step, args=ocp.args.Composite(
-                    trained=ocp.args.StandardSave(nnx.state(trained, kept)),
-                    optimizer=ocp.args.StandardSave(nnx.state(trainer)),
-                    meta=ocp.args.JsonSave(
-                        dict(settings=settings, data=dataclasses.asdict(data)))))
+                _save(manager, step, nnx.merge(graphdef, state), kept, settings, data)
     finally:
         # the model holds the newest weights, however the loop ended
         nnx.update((model, optimizer), state)
@@ -670,6 +650,44 @@ def fit(model: nnx.Module, rows: Rows, config: TrainConfig, *, batch_size: int,
             manager.wait_until_finished()
             manager.close()
     return history
+
+# %% ../nbs/14_training.ipynb #2803300f
+def _checkpoint_manager(out, keep: int):
+    """Orbax's manager of a run's checkpoints in `out`/checkpoints; None without `out`."""
+    import orbax.checkpoint as ocp
+
+    if out is None:
+        return None
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(Path(out).absolute() / "checkpoints", options=options)
+
+
+def _save(manager, step: int, model_and_optimizer, kept, settings: dict, data: DataState):
+    import orbax.checkpoint as ocp
+
+    trained, trainer = model_and_optimizer
+    manager.save(step, args=ocp.args.Composite(
+        trained=ocp.args.StandardSave(nnx.state(trained, kept)),
+        optimizer=ocp.args.StandardSave(nnx.state(trainer)),
+        meta=ocp.args.JsonSave(dict(settings=settings, data=dataclasses.asdict(data)))))
+
+
+def _restore(manager, step: int, model, optimizer, kept) -> DataState:
+    """Checkpoint `step`'s weights and optimizer state put into `model` and `optimizer` ->
+    where the run was in its data."""
+    import orbax.checkpoint as ocp
+
+    # Orbax's arrays are committed to a device, a new run's are not, and jit would
+    # compile the step again for them: restored as NumPy and put on the device like a new
+    # run's, they reuse its program.
+    host = lambda tree: jax.tree.map(np.asarray, tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        trained=ocp.args.StandardRestore(host(nnx.state(model, kept))),
+        optimizer=ocp.args.StandardRestore(host(nnx.state(optimizer))),
+        meta=ocp.args.JsonRestore()))
+    nnx.update(model, jax.tree.map(jnp.asarray, restored["trained"]))
+    nnx.update(optimizer, jax.tree.map(jnp.asarray, restored["optimizer"]))
+    return DataState(**restored["meta"]["data"])
 
 # %% ../nbs/14_training.ipynb #6d1b3267
 def _fingerprint(arrays) -> str:
