@@ -80,7 +80,7 @@ class GPT2Block(nnx.Module):
         x = x + h
         return x + self.mlp(self.ln_2(x)), cache
 
-
+# %% ../nbs/06_gpt2.ipynb #f2335dab
 class GPT2(nnx.Module):
     """GPT-2: learned positions, pre-norm blocks of multi-head attention and a GELU MLP, tied
     output embedding."""
@@ -132,7 +132,7 @@ KEY_MAP = KeyMap(
     prefix="transformer.",
 )
 
-
+# %% ../nbs/06_gpt2.ipynb #1cfa1abf
 UNSUPPORTED = {"scale_attn_weights": False, "scale_attn_by_inverse_layer_idx": True,
                "add_cross_attention": True, "tie_word_embeddings": False}
 
