@@ -108,6 +108,18 @@ class Llama(nnx.Module):
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return model_output(logits, cache, hidden, return_hidden_states)
 
+# %% ../nbs/07_llama.ipynb #34d4e14b
+def _llama3(cls, **kw):
+    """A Llama 3 config of class `cls`: what every size shares, and this size's `kw`."""
+    return cls(vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               eos_token_ids=(128001, 128008, 128009), **kw)
+
+
+def _smollm2(cls, **kw):
+    """A SmolLM2 config of class `cls`: what every size shares, and this size's `kw`."""
+    return cls(vocab_size=49152, rms_norm_eps=1e-5, max_position_embeddings=8192,
+               tie_word_embeddings=True, eos_token_ids=(2,), **kw)
+
 # %% ../nbs/07_llama.ipynb #d4ae71b5
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(LlamaFamilyConfig):
@@ -127,50 +139,39 @@ class LlamaConfig(LlamaFamilyConfig):
         return cls(rms_norm_eps=1e-5, max_position_embeddings=4096)
 
     @classmethod
-    def _llama3(cls, **kw):
-        return cls(vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                   eos_token_ids=(128001, 128008, 128009), **kw)
-
-    @classmethod
     def llama3_2_1b(cls):
-        return cls._llama3(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                           num_attention_heads=32,
-                           num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                           rope=RoPE(500000.0, "llama3", 32.0, 1.0, 4.0, 8192))
+        return _llama3(cls, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                       tie_word_embeddings=True,
+                       rope=RoPE(500000.0, "llama3", 32.0, 1.0, 4.0, 8192))
 
     @classmethod
     def llama3_2_3b(cls):
-        return cls._llama3(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                           num_attention_heads=24,
-                           num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                           rope=RoPE(500000.0, "llama3", 32.0, 1.0, 4.0, 8192))
+        return _llama3(cls, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                       num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                       tie_word_embeddings=True,
+                       rope=RoPE(500000.0, "llama3", 32.0, 1.0, 4.0, 8192))
 
     @classmethod
     def llama3_1_8b(cls):
-        return cls._llama3(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                           num_attention_heads=32, num_key_value_heads=8,
-                           rope=RoPE(500000.0, "llama3", 8.0, 1.0, 4.0, 8192))
-
-    @classmethod
-    def _smollm2(cls, **kw):
-        return cls(vocab_size=49152, rms_norm_eps=1e-5, max_position_embeddings=8192,
-                   tie_word_embeddings=True, eos_token_ids=(2,), **kw)
+        return _llama3(cls, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8,
+                       rope=RoPE(500000.0, "llama3", 8.0, 1.0, 4.0, 8192))
 
     @classmethod
     def smollm2_135m(cls):
-        return cls._smollm2(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                            num_attention_heads=9, num_key_value_heads=3, rope=RoPE(100000.0))
+        return _smollm2(cls, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, rope=RoPE(100000.0))
 
     @classmethod
     def smollm2_360m(cls):
-        return cls._smollm2(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                            num_attention_heads=15, num_key_value_heads=5, rope=RoPE(100000.0))
+        return _smollm2(cls, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                        num_attention_heads=15, num_key_value_heads=5, rope=RoPE(100000.0))
 
     @classmethod
     def smollm2_1_7b(cls):
-        return cls._smollm2(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                            num_attention_heads=32, num_key_value_heads=32,
-                            rope=RoPE(130000.0))
+        return _smollm2(cls, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                        num_attention_heads=32, num_key_value_heads=32, rope=RoPE(130000.0))
 
     @classmethod
     def tiny(cls, num_key_value_heads: int = 3):
@@ -178,7 +179,7 @@ class LlamaConfig(LlamaFamilyConfig):
                    num_attention_heads=6, num_key_value_heads=num_key_value_heads, head_dim=10,
                    rms_norm_eps=1e-5, max_position_embeddings=128, rope=RoPE(500.0))
 
-
+# %% ../nbs/07_llama.ipynb #eb966525
 def as_config(config: LlamaFamilyConfig, config_cls, **changes) -> LlamaFamilyConfig:
     """The same family fields as a config of another class of the family (a LLaMA's as a
     Mistral's, say)."""
@@ -229,7 +230,7 @@ def hf_key_map(config: LlamaConfig) -> KeyMap:
         rules.append(Rule("lm_head.weight", ("lm_head.kernel",), transpose))
     return KeyMap(tuple(rules), tuple(ignore))
 
-
+# %% ../nbs/07_llama.ipynb #b181bbe3
 def gguf_key_map(config: LlamaConfig) -> KeyMap:
     H, K = config.num_attention_heads, config.num_key_value_heads
     rules = [
