@@ -52,14 +52,7 @@ class GemmaFamilyConfig:
     qk_norm: bool = False                  # RMSNorm on each query and key head (Gemma 3)
 
     def __post_init__(self):
-        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
-                             f"{self.num_hidden_layers} layers")
-        if unknown := set(self.layer_types) - {SLIDING, FULL}:
-            raise ValueError(f"unknown layer types {sorted(unknown)}; use {SLIDING!r} or "
-                             f"{FULL!r}")
-        if SLIDING in self.layer_types and not self.sliding_window:
-            raise ValueError("sliding_attention layers need a sliding_window")
+        _check_layer_types(self)
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer] if self.layer_types else FULL
@@ -67,6 +60,17 @@ class GemmaFamilyConfig:
     @property
     def context_length(self) -> int:
         return self.max_position_embeddings
+
+# %% ../nbs/09_gemma.ipynb #aa209bb3
+def _check_layer_types(config: GemmaFamilyConfig):
+    if config.layer_types and len(config.layer_types) != config.num_hidden_layers:
+        raise ValueError(f"layer_types has {len(config.layer_types)} entries for "
+                         f"{config.num_hidden_layers} layers")
+    if unknown := set(config.layer_types) - {SLIDING, FULL}:
+        raise ValueError(f"unknown layer types {sorted(unknown)}; use {SLIDING!r} or "
+                         f"{FULL!r}")
+    if SLIDING in config.layer_types and not config.sliding_window:
+        raise ValueError("sliding_attention layers need a sliding_window")
 
 # %% ../nbs/09_gemma.ipynb #729617e5
 def embedding_scale(hidden_size: int, dtype) -> jnp.ndarray:
@@ -140,6 +144,43 @@ class Gemma(nnx.Module):
                          self.config.final_logit_softcapping)
         return model_output(logits, cache, hidden, return_hidden_states)
 
+# %% ../nbs/09_gemma.ipynb #ae1cb2bc
+def _gemma2(cls, num_hidden_layers, **kw):
+    """A Gemma 2 config of class `cls`: what every size shares, and this size's `kw`."""
+    kw = dict(query_pre_attn_scalar=256) | kw
+    return cls(num_hidden_layers=num_hidden_layers, sandwich_norms=True,
+               attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+               layer_types=interleaved(num_hidden_layers, 2), sliding_window=4096, **kw)
+
+
+def _gemma3(cls, num_hidden_layers, sliding_window=1024,
+            rope=RoPE(1e6, "linear", factor=8.0), **kw):
+    """A Gemma 3 config of class `cls`: what every size shares, and this size's `kw`."""
+    kw = dict(vocab_size=262208, max_position_embeddings=131072,
+              query_pre_attn_scalar=256) | kw
+    return cls(num_hidden_layers=num_hidden_layers, sandwich_norms=True,
+               layer_types=interleaved(num_hidden_layers, 6),
+               sliding_window=sliding_window, rope=rope, rope_local=RoPE(10000.0),
+               qk_norm=True, **kw)
+
+
+def _tiny(cls, generation: int):
+    common = dict(vocab_size=211, hidden_size=54, intermediate_size=101,
+                  num_attention_heads=6, head_dim=10,
+                  max_position_embeddings=128, rope=RoPE(500.0), eos_token_ids=())
+    if generation == 1:
+        return cls(**common, num_hidden_layers=3, num_key_value_heads=1)
+    if generation == 2:
+        return cls(**common, num_hidden_layers=4, num_key_value_heads=2,
+                   sandwich_norms=True, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=3.0, query_pre_attn_scalar=12,
+                   layer_types=interleaved(4, 2), sliding_window=8)
+    return cls(
+        **common | dict(num_hidden_layers=7, num_key_value_heads=3, sandwich_norms=True,
+                        query_pre_attn_scalar=12, layer_types=interleaved(7, 6),
+                        sliding_window=8, rope=RoPE(1e6, "linear", factor=8.0),
+                        rope_local=RoPE(1e4), qk_norm=True))
+
 # %% ../nbs/09_gemma.ipynb #77b57053
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig(GemmaFamilyConfig):
@@ -155,85 +196,54 @@ class GemmaConfig(GemmaFamilyConfig):
         return cls()
 
     @classmethod
-    def _gemma2(cls, num_hidden_layers, **kw):
-        kw = dict(query_pre_attn_scalar=256) | kw
-        return cls(num_hidden_layers=num_hidden_layers, sandwich_norms=True,
-                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                   layer_types=interleaved(num_hidden_layers, 2), sliding_window=4096, **kw)
-
-    @classmethod
     def gemma2_2b(cls):
-        return cls._gemma2(26, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
-                           num_key_value_heads=4)
+        return _gemma2(cls, 26, hidden_size=2304, intermediate_size=9216,
+                       num_attention_heads=8, num_key_value_heads=4)
 
     @classmethod
     def gemma2_9b(cls):
-        return cls._gemma2(42, hidden_size=3584, intermediate_size=14336,
-                           num_attention_heads=16, num_key_value_heads=8)
+        return _gemma2(cls, 42, hidden_size=3584, intermediate_size=14336,
+                       num_attention_heads=16, num_key_value_heads=8)
 
     @classmethod
     def gemma2_27b(cls):
-        return cls._gemma2(46, hidden_size=4608, intermediate_size=36864,
-                           num_attention_heads=32, num_key_value_heads=16,
-                           head_dim=128, query_pre_attn_scalar=144)
-
-    @classmethod
-    def _gemma3(cls, num_hidden_layers, sliding_window=1024,
-                rope=RoPE(1e6, "linear", factor=8.0), **kw):
-        kw = dict(vocab_size=262208, max_position_embeddings=131072,
-                  query_pre_attn_scalar=256) | kw
-        return cls(num_hidden_layers=num_hidden_layers, sandwich_norms=True,
-                   layer_types=interleaved(num_hidden_layers, 6),
-                   sliding_window=sliding_window, rope=rope, rope_local=RoPE(10000.0),
-                   qk_norm=True, **kw)
+        return _gemma2(cls, 46, hidden_size=4608, intermediate_size=36864,
+                       num_attention_heads=32, num_key_value_heads=16,
+                       head_dim=128, query_pre_attn_scalar=144)
 
     @classmethod
     def gemma3_270m(cls):
-        return cls._gemma3(18, 512, RoPE(1e6), vocab_size=262144, hidden_size=640,
-                           intermediate_size=2048, num_attention_heads=4,
-                           num_key_value_heads=1, max_position_embeddings=32768)
+        return _gemma3(cls, 18, 512, RoPE(1e6), vocab_size=262144, hidden_size=640,
+                       intermediate_size=2048, num_attention_heads=4,
+                       num_key_value_heads=1, max_position_embeddings=32768)
 
     @classmethod
     def gemma3_1b(cls):
-        return cls._gemma3(26, 512, RoPE(1e6), vocab_size=262144, hidden_size=1152,
-                           intermediate_size=6912, num_attention_heads=4,
-                           num_key_value_heads=1, max_position_embeddings=32768)
+        return _gemma3(cls, 26, 512, RoPE(1e6), vocab_size=262144, hidden_size=1152,
+                       intermediate_size=6912, num_attention_heads=4,
+                       num_key_value_heads=1, max_position_embeddings=32768)
 
     @classmethod
     def gemma3_4b(cls):
-        return cls._gemma3(34, hidden_size=2560, intermediate_size=10240,
-                           num_attention_heads=8, num_key_value_heads=4)
+        return _gemma3(cls, 34, hidden_size=2560, intermediate_size=10240,
+                       num_attention_heads=8, num_key_value_heads=4)
 
     @classmethod
     def gemma3_12b(cls):
-        return cls._gemma3(48, hidden_size=3840, intermediate_size=15360,
-                           num_attention_heads=16, num_key_value_heads=8)
+        return _gemma3(cls, 48, hidden_size=3840, intermediate_size=15360,
+                       num_attention_heads=16, num_key_value_heads=8)
 
     @classmethod
     def gemma3_27b(cls):
-        return cls._gemma3(62, hidden_size=5376, intermediate_size=21504,
-                           num_attention_heads=32, num_key_value_heads=16,
-                           head_dim=128, query_pre_attn_scalar=168)
+        return _gemma3(cls, 62, hidden_size=5376, intermediate_size=21504,
+                       num_attention_heads=32, num_key_value_heads=16,
+                       head_dim=128, query_pre_attn_scalar=168)
 
     @classmethod
     def tiny(cls, generation: int = 1):
         """A small random-test config with every feature of Gemma `generation` (1, 2 or 3;
         windows of 8 keys)."""
-        common = dict(vocab_size=211, hidden_size=54, intermediate_size=101,
-                      num_attention_heads=6, head_dim=10,
-                      max_position_embeddings=128, rope=RoPE(500.0), eos_token_ids=())
-        if generation == 1:
-            return cls(**common, num_hidden_layers=3, num_key_value_heads=1)
-        if generation == 2:
-            return cls(**common, num_hidden_layers=4, num_key_value_heads=2,
-                       sandwich_norms=True, attn_logit_softcapping=5.0,
-                       final_logit_softcapping=3.0, query_pre_attn_scalar=12,
-                       layer_types=interleaved(4, 2), sliding_window=8)
-        return cls(
-            **common | dict(num_hidden_layers=7, num_key_value_heads=3, sandwich_norms=True,
-                            query_pre_attn_scalar=12, layer_types=interleaved(7, 6),
-                            sliding_window=8, rope=RoPE(1e6, "linear", factor=8.0),
-                            rope_local=RoPE(1e4), qk_norm=True))
+        return _tiny(cls, generation)
 
 # %% ../nbs/09_gemma.ipynb #2e9a5f75
 def _norm_names(config: GemmaConfig) -> dict[str, str]:
@@ -248,9 +258,6 @@ def _norm_names(config: GemmaConfig) -> dict[str, str]:
 
 PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
                "mlp": ("gate_proj", "up_proj", "down_proj")}
-GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
-                    "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
-                    "down_proj": "ffn_down"}
 
 
 def hf_key_map(config: GemmaConfig) -> KeyMap:
@@ -266,6 +273,11 @@ def hf_key_map(config: GemmaConfig) -> KeyMap:
               for m, names in PROJECTIONS.items() for n in names]
     # tied: a saved copy of the embedding is ignored
     return KeyMap(tuple(rules), ("lm_head.weight",))
+
+# %% ../nbs/09_gemma.ipynb #e17f4bd0
+GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+                    "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+                    "down_proj": "ffn_down"}
 
 
 # llama.cpp stores Gemma's norm scales as 1 + w; transformers' GGUF loader
@@ -298,7 +310,7 @@ SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
 LOCAL_FEATURES = ("query_pre_attn_scalar", "sliding_window", "attn_logit_softcapping",
                   "final_logit_softcapping")
 
-
+# %% ../nbs/09_gemma.ipynb #2492381d
 def config_from_hf(hf: dict) -> GemmaConfig:
     """A transformers config.json of model_type gemma, gemma2 or gemma3_text as a
     GemmaConfig."""
