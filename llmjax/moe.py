@@ -130,7 +130,7 @@ class Experts(nnx.Module):
         return tuple(w[...].astype(self.dtype)
                      for w in (self.gate_proj, self.up_proj, self.down_proj))
 
-
+# %% ../nbs/10_moe.ipynb #d578a03e
 class SparseMoE(nnx.Module):
     """A mixture-of-experts MLP: a router picks each token's top_k of E experts; their outputs,
     weighted, are summed."""
