@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['INFO_PACKAGES', 'BENCH_MODELS', 'RUN_FILE', 'ADAPTERS_FILE', 'SAFETENSORS_BYTES', 'MODEL_HELP', 'generate_command',
-           'read_prompt', 'models_table', 'info_text', 'validate_command', 'bench_command', 'export_command',
-           'finetune_settings', 'check_run_folder', 'Progress', 'write_finetuned', 'single_file_index',
-           'finetune_command', 'parser', 'main']
+           'read_prompt', 'models_table', 'info_text', 'validate_command', 'bench_command', 'perf_command',
+           'export_command', 'finetune_settings', 'check_run_folder', 'Progress', 'write_finetuned',
+           'single_file_index', 'finetune_command', 'parser', 'main']
 
 # %% ../nbs/18_cli.ipynb #bcf229f9
 import argparse
@@ -207,6 +207,11 @@ def bench_command(args) -> int:
     import json
     from pathlib import Path
 
+    if args.suite == "perf":
+        return perf_command(args)
+    if args.quick or args.section:
+        raise ValueError("--quick and --section choose the perf suite's measurements: add "
+                         "--suite perf")
     if any(b < 1 for b in args.batch):
         raise ValueError(f"--batch sizes must be at least 1, got {args.batch}")
     if args.new_tokens < 2:
@@ -237,6 +242,20 @@ def bench_command(args) -> int:
     print(table(results).rsplit("\n", 1)[-1])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+# %% ../nbs/18_cli.ipynb #b1800002
+def perf_command(args) -> int:
+    from pathlib import Path
+
+    if args.json and not Path(args.json).parent.is_dir():
+        raise ValueError(f"--json {args.json}: no such directory {Path(args.json).parent}")
+    from llmjax.perf import SECTIONS, Suite, run_suite
+
+    run_suite(Suite.quick() if args.quick else Suite(), args.json,
+              sections=args.section or SECTIONS, log=lambda line: print(line, flush=True))
+    if args.json:
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
@@ -626,7 +645,17 @@ def _bench_parser(sub):
                    help="when sampling, nucleus sampling with P in (0, 1] (default: off)")
     b.add_argument("--no-reference", action="store_true",
                    help="time llmjax alone (no transformers)")
-    b.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    b.add_argument("--json", "--output", metavar="FILE",
+                   help="also write the results to FILE as JSON")
+    b.add_argument("--suite", choices=("decode", "perf"), default="decode",
+                   help="decode: generation against transformers (the options above); perf: "
+                        "chapter 17's jit, vmap, scan, remat, precision and parallel "
+                        "measurements (default: decode)")
+    b.add_argument("--quick", action="store_true",
+                   help="with --suite perf: every measurement at tiny shapes")
+    b.add_argument("--section", action="append",
+                   help="with --suite perf: run only this section (jit, vmap, scan, remat, "
+                        "precision or parallel); repeat for several (default: all)")
 
 # %% ../nbs/18_cli.ipynb #a35880e0
 def _export_parser(sub):
