@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['MEMORY_SCHEDULER', 'SECTIONS', 'seconds', 'median_seconds', 'compile_seconds', 'gpt2_model', 'random_batch',
            'jit_costs', 'retraces', 'vmap_costs', 'stack_layers', 'scan_layers', 'unrolled_layers', 'scan_costs',
-           'in_subprocess', 'remat_costs', 'remat_run', 'overflow_layers', 'precision_model', 'precision_costs',
-           'data_parallel_step', 'parallel_costs', 'Suite', 'run_suite']
+           'in_subprocess', 'remat_costs', 'remat_run', 'agreement', 'overflow_layers', 'precision_model',
+           'precision_costs', 'data_parallel_step', 'parallel_costs', 'Suite', 'run_suite']
 
 # %% ../nbs/17_performance.ipynb #a1700004
 import dataclasses
@@ -299,6 +299,14 @@ def _kl(reference, logits) -> jax.Array:
     return jnp.sum(jnp.exp(p) * (p - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
 
 
+def agreement(reference, logits) -> dict:
+    """How far logits [1, T, V] are from the reference's: the mean and largest KL divergence
+    over positions, and the share of positions with the same most likely token."""
+    kl = _kl(reference, logits)
+    return dict(kl=_finite(float(kl.mean())), kl_max=_finite(float(kl.max())),
+                top1=float((reference.argmax(-1) == logits.argmax(-1)).mean()))
+
+
 def _finite(x: float) -> float | None:
     """x, or None for inf and NaN (which JSON can't hold)."""
     return float(x) if math.isfinite(x) else None
@@ -369,13 +377,10 @@ def precision_costs(sources=("smollm2-135m-instruct", "gemma-3-270m"),
             if dtype == "float32":
                 base, reference = row, logits
             else:
-                kl = _kl(reference, logits)
                 ratio = lambda key: row[key] / base[key] if row[key] else None
-                row |= dict(kl=_finite(float(kl.mean())), kl_max=_finite(float(kl.max())),
-                            top1=float((reference.argmax(-1) == logits.argmax(-1)).mean()),
-                            forward_ratio=ratio("forward_s"),
-                            decode_ratio=ratio("decode_token_s"),
-                            train_ratio=ratio("train_step_s"))
+                row |= agreement(reference, logits) | dict(
+                    forward_ratio=ratio("forward_s"), decode_ratio=ratio("decode_token_s"),
+                    train_ratio=ratio("train_step_s"))
             rows.append(row)
     return rows
 
@@ -408,7 +413,7 @@ def data_parallel_step(shape: dict, devices: int, batch: int = 8, length: int = 
                 jit_loss=float(sgd_step(graphdef, copied, split, 0.1)[1]),
                 pmap_loss=float(pmapped(params, parts)[1][0]))
 
-
+# %% ../nbs/17_performance.ipynb #a1700063
 def parallel_costs(shape: dict, device_counts=(1, 2, 4, 8), batch: int = 8,
                    length: int = 32, repeats: int = 3) -> list[dict]:
     """data_parallel_step for each device count, each in a fresh Python with that many
