@@ -6,7 +6,7 @@
 __all__ = ['MEMORY_SCHEDULER', 'SECTIONS', 'seconds', 'median_seconds', 'compile_seconds', 'gpt2_model', 'random_batch',
            'jit_costs', 'retraces', 'vmap_costs', 'stack_layers', 'scan_layers', 'unrolled_layers', 'scan_costs',
            'in_subprocess', 'remat_costs', 'remat_run', 'agreement', 'overflow_layers', 'precision_model',
-           'precision_costs', 'data_parallel_step', 'parallel_costs', 'Suite', 'run_suite']
+           'precision_costs', 'data_parallel_step', 'data_parallel_steps', 'parallel_costs', 'Suite', 'run_suite']
 
 # %% ../nbs/17_performance.ipynb #a1700004
 import dataclasses
@@ -414,15 +414,24 @@ def data_parallel_step(shape: dict, devices: int, batch: int = 8, length: int = 
                 pmap_loss=float(pmapped(params, parts)[1][0]))
 
 # %% ../nbs/17_performance.ipynb #a1700063
-def parallel_costs(shape: dict, device_counts=(1, 2, 4, 8), batch: int = 8,
-                   length: int = 32, repeats: int = 3) -> list[dict]:
+def data_parallel_steps(shape: dict, device_counts, **kwargs) -> list[dict]:
+    """data_parallel_step in this process for each device count."""
+    return [data_parallel_step(shape, count, **kwargs) for count in device_counts]
+
+
+def parallel_costs(shape: dict, device_counts=(1, 2, 4, 8), batch: int = 8, length: int = 32,
+                   repeats: int = 3, separate: bool = True) -> list[dict]:
     """data_parallel_step for each device count, each in a fresh Python with that many
-    simulated CPU devices; times also as ratios to the first count's."""
-    rows = [in_subprocess("data_parallel_step",
-                          dict(shape=shape, devices=count, batch=batch, length=length,
-                               repeats=repeats),
-                          xla_flags=f"--xla_force_host_platform_device_count={count}")
-            for count in device_counts]
+    simulated CPU devices — or, without `separate`, all in one Python with the most (quicker:
+    one start instead of several); times also as ratios to the first count's."""
+    kwargs = dict(shape=shape, batch=batch, length=length, repeats=repeats)
+    flags = lambda count: f"--xla_force_host_platform_device_count={count}"
+    if separate:
+        rows = [in_subprocess("data_parallel_step", kwargs | dict(devices=count), flags(count))
+                for count in device_counts]
+    else:
+        rows = in_subprocess("data_parallel_steps", kwargs | dict(
+            device_counts=list(device_counts)), flags(max(device_counts)))
     for row in rows:
         row |= dict(jit_ratio=row["jit_s"] / rows[0]["jit_s"],
                     pmap_ratio=row["pmap_s"] / rows[0]["pmap_s"])
@@ -459,6 +468,7 @@ class Suite:
     device_counts: tuple = (1, 2, 4, 8)
     parallel_batch: int = 8
     parallel_length: int = 64
+    parallel_separate: bool = True
     repeats: int = 3
 
     @classmethod
@@ -471,7 +481,8 @@ class Suite:
                    precision_sources=("random:gpt2:tiny",),
                    precision_train_sources=(), precision_dtypes=("bfloat16",),
                    new_tokens=3, parallel_shape=tiny, device_counts=(1, 2),
-                   parallel_batch=2, parallel_length=8, repeats=1)
+                   parallel_batch=2, parallel_length=8, parallel_separate=False,
+                   repeats=1)
 
     @classmethod
     def accelerator(cls):
@@ -504,7 +515,7 @@ def run_suite(suite: Suite = Suite(), path=None, sections=SECTIONS, log=print) -
                                           train_sources=s.precision_train_sources,
                                           repeats=s.repeats),
         parallel=lambda: parallel_costs(s.parallel_shape, s.device_counts, s.parallel_batch,
-                                        s.parallel_length, s.repeats))
+                                        s.parallel_length, s.repeats, s.parallel_separate))
     if unknown := set(sections) - set(measures):
         raise ValueError(f"unknown sections {sorted(unknown)}: choose from "
                          f"{', '.join(SECTIONS)}")
