@@ -5,9 +5,6 @@ import dataclasses
 import json
 import os
 
-# the tiny programs below each run a few times: compile them fast (child processes inherit this)
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,9 +23,19 @@ def _refuse_nan(constant):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """The quick suite, run once through the command line: (exit status, the JSON it wrote)."""
+    """The quick suite, run once through the command line: (exit status, the JSON it wrote). Its tiny programs
+    each run a few times, so they are compiled fast: by the child processes, and by this one if JAX has not
+    started yet."""
     path = tmp_path_factory.mktemp("perf") / "perf.json"
-    code = main(["bench", "--suite", "perf", "--quick", "--output", str(path)])
+    flags = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{flags or ''} --xla_backend_optimization_level=0".strip()
+    try:
+        code = main(["bench", "--suite", "perf", "--quick", "--output", str(path)])
+    finally:
+        if flags is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = flags
     return code, json.loads(path.read_text(), parse_constant=_refuse_nan)
 
 
