@@ -79,7 +79,7 @@ def time_transformers(reference, ids, new_tokens: int,
     import torch
     from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-    class Clock(LogitsProcessor):                   # called once per new token, after its forward
+    class Clock(LogitsProcessor):           # called once per new token, after its forward
         def __init__(self):
             self.first = None
 
