@@ -199,16 +199,14 @@ def validate_command(source: str, steps: int = 32, atol: float = 1e-3) -> int:
           f"{'identical' if report.greedy.tokens_equal else 'differ'}")
     return 0 if ok else 1
 
-# %% ../nbs/18_cli.ipynb #2a06d2cb
+# %% ../nbs/18_cli.ipynb #be0c0002
 BENCH_MODELS = ("smollm2-135m-instruct", "random:gpt2:gpt2")
 
 
-def bench_command(args) -> int:
-    import json
+def _check_bench_args(args):
+    """Refuse a decode bench's bad settings with a one-line error, before anything loads."""
     from pathlib import Path
 
-    if args.suite == "perf":
-        return perf_command(args)
     if args.quick or args.section:
         raise ValueError("--quick and --section choose the perf suite's measurements: add "
                          "--suite perf")
@@ -223,13 +221,23 @@ def bench_command(args) -> int:
         _need_reference("bench")
     if args.json and not Path(args.json).parent.is_dir():
         raise ValueError(f"--json {args.json}: no such directory {Path(args.json).parent}")
-    from llmjax.bench import COLUMNS, SAMPLED_COLUMNS, run, table, table_row
-    from llmjax.generation import Sampling
-
     filtered = args.top_k is not None or args.top_p is not None
     if args.temperature == 0 and filtered:
         raise ValueError("--top-k and --top-p choose what to sample from, and --temperature 0 "
                          "is greedy: drop --temperature 0, or the filters")
+
+# %% ../nbs/18_cli.ipynb #2a06d2cb
+def bench_command(args) -> int:
+    import json
+    from pathlib import Path
+
+    if args.suite == "perf":
+        return perf_command(args)
+    _check_bench_args(args)
+    from llmjax.bench import COLUMNS, SAMPLED_COLUMNS, run, table, table_row
+    from llmjax.generation import Sampling
+
+    filtered = args.top_k is not None or args.top_p is not None
     temperature = args.temperature if args.temperature is not None else 1.0 \
         if filtered else 0.0
     # refuses a bad setting before any model loads
@@ -647,6 +655,10 @@ def _bench_parser(sub):
                    help="time llmjax alone (no transformers)")
     b.add_argument("--json", "--output", metavar="FILE",
                    help="also write the results to FILE as JSON")
+    _bench_perf_options(b)
+
+# %% ../nbs/18_cli.ipynb #be0c0005
+def _bench_perf_options(b):
     b.add_argument("--suite", choices=("decode", "perf"), default="decode",
                    help="decode: generation against transformers (the options above); perf: "
                         "chapter 17's jit, vmap, scan, remat, precision and parallel "
