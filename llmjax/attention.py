@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['REMAT_POLICIES', 'RoPE', 'rotate_half', 'apply_rope', 'causal_mask', 'sliding_window_mask', 'padding_mask',
            'document_mask', 'make_attention_mask', 'softcap', 'attend', 'LayerCache', 'CacheLayout', 'KVCache',
-           'Attention', 'run_blocks', 'ModelOutput', 'model_output', 'prepare_inputs', 'segment_ids',
+           'Attention', 'run_blocks', 'last_positions', 'ModelOutput', 'model_output', 'prepare_inputs', 'segment_ids',
            'document_positions', 'cache_layout', 'check_inputs']
 
 # %% ../nbs/03_attention.ipynb #c8ebee25
@@ -48,20 +48,24 @@ class RoPE:
         if self.kind == "linear":
             inv_freq = inv_freq / np.float32(self.factor)
         elif self.kind == "llama3":
-            old = np.float32(self.original_max_position)
-            low_wavelen, high_wavelen = old / np.float32(self.low_freq_factor), \
-                old / np.float32(self.high_freq_factor)
-            wavelen = np.float32(2 * math.pi) / inv_freq
-            scaled = np.where(wavelen > low_wavelen,
-                              inv_freq / np.float32(self.factor), inv_freq)
-            smooth = (old / wavelen - np.float32(self.low_freq_factor)) \
-                / np.float32(self.high_freq_factor - self.low_freq_factor)
-            smoothed = (1 - smooth) * scaled / np.float32(self.factor) + smooth * scaled
-            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-            inv_freq = np.where(medium, smoothed, scaled)
+            inv_freq = _llama3_scaling(inv_freq, self)
         return inv_freq.astype(np.float32)
 
+# %% ../nbs/03_attention.ipynb #6c1f8d3b
+def _llama3_scaling(inv_freq: np.ndarray, rope: RoPE) -> np.ndarray:
+    """Llama 3's frequency scaling of float32 inv_freq [d/2]."""
+    old = np.float32(rope.original_max_position)
+    low_wavelen, high_wavelen = old / np.float32(rope.low_freq_factor), \
+        old / np.float32(rope.high_freq_factor)
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(rope.factor), inv_freq)
+    smooth = (old / wavelen - np.float32(rope.low_freq_factor)) \
+        / np.float32(rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / np.float32(rope.factor) + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled)
 
+# %% ../nbs/03_attention.ipynb #2b9f4e70
 def rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)
@@ -103,7 +107,7 @@ def document_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
         jnp.asarray(k_segments, jnp.int32)[:, None, :]
     return (q == k) | (q == 0)
 
-
+# %% ../nbs/03_attention.ipynb #8f3a1c05
 def make_attention_mask(q_positions, k_positions, k_valid, window: int | None = None,
                         q_segments=None) -> jax.Array:
     """The mask every model uses: causal, no padding keys, (if q_segments) only keys of the
@@ -214,25 +218,28 @@ class KVCache:
     def update_layer(self, layer: int, new: LayerCache) -> tuple[LayerCache, "KVCache"]:
         """Write layer `layer`'s T new slots into its buffers -> (the slots to attend over, the
         updated cache)."""
-        old = self.layers[layer]
-        T, size = new.keys.shape[2], old.keys.shape[2]
-        # a full buffer: the T new slots are [length - T, length), write then attend
-        if size >= self.capacity:
-            start = self.length - T      # (append has run)
-            written = jax.tree.map(lambda b, x: jax.lax.dynamic_update_slice_in_dim(
-                b, x.astype(b.dtype), start, axis=_slot_axis(b)), old, new)
-            return written, self._with_layer(layer, written)
-        # a ring of W slots
-        written = _write_ring(old, new, self.seen)
-        # one new token: the slot it overwrites held a token W real tokens back, out of the
-        # window; a prompt attends over the old ring and the new tokens
-        view = written if T == 1 else jax.tree.map(
-            lambda b, x: jnp.concatenate([b, x.astype(b.dtype)], axis=_slot_axis(b)), old, new)
-        return view, self._with_layer(layer, written)
+        return _update_layer(self, layer, new)
 
     def _with_layer(self, layer: int, written: LayerCache) -> "KVCache":
         return dataclasses.replace(self, layers=tuple(written if i == layer else c
                                                       for i, c in enumerate(self.layers)))
+
+# %% ../nbs/03_attention.ipynb #7b4d1f96
+def _update_layer(cache: KVCache, layer: int, new: LayerCache) -> tuple[LayerCache, KVCache]:
+    """KVCache.update_layer: (the slots layer `layer` attends over, the updated cache)."""
+    old = cache.layers[layer]
+    T, size = new.keys.shape[2], old.keys.shape[2]
+    if size >= cache.capacity:
+        start = cache.length - T      # (append has run)
+        written = jax.tree.map(lambda b, x: jax.lax.dynamic_update_slice_in_dim(
+            b, x.astype(b.dtype), start, axis=_slot_axis(b)), old, new)
+        return written, cache._with_layer(layer, written)
+    written = _write_ring(old, new, cache.seen)
+    # one new token: the slot it overwrites held a token W real tokens back, out of the
+    # window; a prompt attends over the old ring and the new tokens
+    view = written if T == 1 else jax.tree.map(
+        lambda b, x: jnp.concatenate([b, x.astype(b.dtype)], axis=_slot_axis(b)), old, new)
+    return view, cache._with_layer(layer, written)
 
 # %% ../nbs/03_attention.ipynb #490a5c3b
 def _write_ring(old: LayerCache, new: LayerCache, seen: jax.Array) -> LayerCache:
@@ -266,8 +273,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.window, self.logit_cap, self.dtype = window, logit_cap, dtype
         self.scale = head_dim ** -0.5 if scale is None else scale
-        # static: the frequencies are a NumPy constant of the config, not a parameter
-        self.rope = rope
+        self.rope = rope      # static: its frequencies are a NumPy constant, not a parameter
         linear = lambda i, o, bias: nnx.Linear(i, o, use_bias=bias, dtype=dtype,
                                                param_dtype=param_dtype, rngs=rngs)
         self.q_proj = linear(features, num_heads * head_dim, qkv_bias)
@@ -282,25 +288,31 @@ class Attention(nnx.Module):
                  layer: int = 0) -> tuple[jax.Array, KVCache | None]:
         """x [B, T, D], positions and segment ids `valid` [B, T] -> ([B, T, D], cache with this
         layer's keys)."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
-            inv_freq = self.rope.inverse_frequencies(self.head_dim)
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        # head-major [B, K, T, d]
-        new = LayerCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                         positions.astype(jnp.int32), valid != 0)
+        q, new = _project(self, x, positions, valid)
         keys, cache = (new, None) if cache is None else cache.update_layer(layer, new)
         packed = cache is None                             # a cache holds one document per row
         mask = make_attention_mask(positions, keys.positions, valid if packed else keys.valid,
                                    self.window, q_segments=valid if packed else None)
         out = attend(q, keys.keys, keys.values, mask, scale=self.scale,
                      logit_cap=self.logit_cap)
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), cache
+        return self.o_proj(out.reshape(*x.shape[:2], self.num_heads * self.head_dim)), cache
+
+# %% ../nbs/03_attention.ipynb #1f6b3d48
+def _project(attention: Attention, x: jax.Array, positions: jax.Array,
+             valid: jax.Array) -> tuple[jax.Array, LayerCache]:
+    """x [B, T, D] -> (queries [B, T, H, d], this call's keys and values [B, K, T, d])."""
+    B, T, _ = x.shape
+    heads = lambda proj, n: proj(x).reshape(B, T, n, attention.head_dim)
+    q = heads(attention.q_proj, attention.num_heads)
+    k = heads(attention.k_proj, attention.num_kv_heads)
+    v = heads(attention.v_proj, attention.num_kv_heads)
+    if attention.q_norm is not None:
+        q, k = attention.q_norm(q), attention.k_norm(k)
+    if attention.rope is not None:
+        inv_freq = attention.rope.inverse_frequencies(attention.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    return q, LayerCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                         positions.astype(jnp.int32), valid != 0)
 
 # %% ../nbs/03_attention.ipynb #ad5962e9
 # what a recomputed block keeps for the backward pass, besides its input (chapter 14)
@@ -333,6 +345,14 @@ def run_blocks(blocks, x: jax.Array, positions: jax.Array, valid: jax.Array,
     x = final_norm(x)
     hidden[-1] = x
     return x, cache, (tuple(hidden) if return_hidden_states else None)
+
+# %% ../nbs/03_attention.ipynb #5b1e7c30
+def last_positions(x: jax.Array, logits_to_keep: int = 0) -> jax.Array:
+    """x [B, T, D] -> [B, min(T, logits_to_keep), D], the last positions; 0 keeps all T."""
+    if not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+        raise ValueError("logits_to_keep must be a whole number >= 0 (0 keeps every "
+                         f"position), got {logits_to_keep!r}")
+    return x if logits_to_keep == 0 else x[:, -int(logits_to_keep):]
 
 # %% ../nbs/03_attention.ipynb #62c83e20
 @jax.tree_util.register_dataclass

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import Attention, RoPE, model_output, prepare_inputs, run_blocks, softcap
+from .attention import (Attention, RoPE, last_positions, model_output, prepare_inputs,
+                              run_blocks, softcap)
 from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule,
                                 Transform, gguf_hyperparameters, hf_eos_ids, hf_rope,
                                 load_gguf, load_hf_directory, rope_from_hf,
@@ -134,12 +135,13 @@ class Gemma(nnx.Module):
         self.remat = None
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None,
-                 return_hidden_states=False):
+                 return_hidden_states=False, logits_to_keep=0):
         positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
         x = self.embed_tokens(tokens)
         x = x * embedding_scale(self.config.hidden_size, x.dtype)
         x, cache, hidden = run_blocks(self.layers, x, positions, valid, cache, self.norm,
                                       return_hidden_states, self.remat)
+        x = last_positions(x, logits_to_keep)
         logits = softcap(self.embed_tokens.attend(x).astype(jnp.float32),
                          self.config.final_logit_softcapping)
         return model_output(logits, cache, hidden, return_hidden_states)

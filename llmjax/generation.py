@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import KVCache, cache_layout, check_inputs
+from .attention import CacheLayout, KVCache, cache_layout, check_inputs
 from .checkpoints import cache_dir
 
 # %% ../nbs/08_generation.ipynb #a67fc036
@@ -240,10 +240,12 @@ def bucket(n: int, smallest: int) -> int:
     return max(smallest, 1 << (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"),
-                   donate_argnames=("cache",))
-def _prefill(graphdef, state, tokens, attention_mask, cache, *, sampling: Sampling, key):
-    out = nnx.merge(graphdef, state)(tokens, attention_mask=attention_mask, cache=cache)
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "capacity", "sampling"))
+def _prefill(graphdef, state, tokens, attention_mask, *, layout: CacheLayout, capacity: int,
+             sampling: Sampling, key):
+    cache = KVCache.create(layout, batch=tokens.shape[0], capacity=capacity)
+    out = nnx.merge(graphdef, state)(tokens, attention_mask=attention_mask, cache=cache,
+                                     logits_to_keep=1)
     logits = out.logits[:, -1]
     return sample(logits, jax.random.fold_in(key, 0), sampling), logits, out.cache
 
@@ -310,7 +312,7 @@ def stream_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int,
     return _stream_ids(model, input_ids, mask, int(max_new_tokens), sampling, int(seed),
                        stop_ids, pad_id, chunk, with_logits)
 
-
+# %% ../nbs/08_generation.ipynb #3f9d6b05
 def _stream_ids(model, input_ids, mask, max_new_tokens, sampling, seed, stop_ids, pad_id,
                 chunk, with_logits):
     B, T = input_ids.shape
@@ -318,12 +320,11 @@ def _stream_ids(model, input_ids, mask, max_new_tokens, sampling, seed, stop_ids
     # masked: any valid id
     tokens = np.concatenate([np.zeros((B, padded - T), np.int32), input_ids], axis=1)
     mask = np.concatenate([np.zeros((B, padded - T), np.int32), mask], axis=1)
-    cache = KVCache.create(cache_layout(model), batch=B,
-                           capacity=bucket(padded + max_new_tokens, CACHE_BUCKET))
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    token, logits, cache = _prefill(graphdef, state, tokens, mask, cache,
+    token, logits, cache = _prefill(graphdef, state, tokens, mask, layout=cache_layout(model),
+                                    capacity=bucket(padded + max_new_tokens, CACHE_BUCKET),
                                     sampling=sampling, key=key)
     done = jnp.isin(token, stop)
     yield token[:, None], (logits[:, None] if with_logits else None)

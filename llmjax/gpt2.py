@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import Attention, model_output, prepare_inputs, run_blocks
+from .attention import (Attention, last_positions, model_output, prepare_inputs,
+                              run_blocks)
 from .checkpoints import (CheckpointError, KeyMap, Rule, Transform, hf_eos_ids,
                                 hf_fields, load_hf_directory)
 from .layers import MLP, Embedding, LayerNorm
@@ -98,12 +99,13 @@ class GPT2(nnx.Module):
         self.remat = None
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None,
-                 return_hidden_states=False):
+                 return_hidden_states=False, logits_to_keep=0):
         positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
         x = self.wte(tokens) + self.wpe(positions)
         x, cache, hidden = run_blocks(self.h, x, positions, valid, cache, self.ln_f,
                                       return_hidden_states, self.remat)
-        return model_output(self.wte.attend(x), cache, hidden, return_hidden_states)
+        logits = self.wte.attend(last_positions(x, logits_to_keep))
+        return model_output(logits, cache, hidden, return_hidden_states)
 
 # %% ../nbs/06_gpt2.ipynb #5fa5b128
 # c_attn's [.., 3D] (Conv1D: already [in, out])

@@ -13,7 +13,8 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import Attention, RoPE, model_output, prepare_inputs, run_blocks
+from .attention import (Attention, RoPE, last_positions, model_output, prepare_inputs,
+                              run_blocks)
 from .checkpoints import (CheckpointError, GGUFCheckpoint, KeyMap, PackagedFile, Rule,
                                 Transform, gguf_hyperparameters, hf_eos_ids, hf_fields,
                                 hf_rope, load_gguf, load_hf_directory,
@@ -101,10 +102,11 @@ class Llama(nnx.Module):
         self.remat = None
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None,
-                 return_hidden_states=False):
+                 return_hidden_states=False, logits_to_keep=0):
         positions, valid, cache = prepare_inputs(tokens, positions, attention_mask, cache)
         x, cache, hidden = run_blocks(self.layers, self.embed_tokens(tokens), positions, valid,
                                       cache, self.norm, return_hidden_states, self.remat)
+        x = last_positions(x, logits_to_keep)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return model_output(logits, cache, hidden, return_hidden_states)
 

@@ -63,6 +63,46 @@ def test_padded_batch_equals_rows_alone(make):
         np.testing.assert_array_equal(out[b, T:], alone[0, len(row):])
 
 
+def _every_family():
+    from llmjax.gemma import Gemma, GemmaConfig
+    from llmjax.mistral import Mistral, MistralConfig, Mixtral, MixtralConfig
+    return {"gpt2": lambda: GPT2(GPT2Config.tiny(), rngs=nnx.Rngs(1)),
+            "llama": lambda: Llama(LlamaConfig.tiny(num_key_value_heads=2), rngs=nnx.Rngs(1)),
+            **{f"gemma{g}": (lambda g=g: Gemma(GemmaConfig.tiny(g), rngs=nnx.Rngs(1)))
+               for g in (1, 2, 3)},
+            "mistral": lambda: Mistral(MistralConfig.tiny(), rngs=nnx.Rngs(1)),
+            "mixtral": lambda: Mixtral(MixtralConfig.tiny(), rngs=nnx.Rngs(1))}
+
+
+@pytest.mark.parametrize("name", list(_every_family()))
+def test_logits_to_keep_are_the_full_calls_last_rows(name):
+    """Keeping the last k logits computes the same rows as the full call (float32, 1e-5: a product of
+    fewer rows may sum in another order), with and without a cache; the cache and hidden states don't change."""
+    from llmjax.attention import KVCache, cache_layout
+
+    model = _every_family()[name]()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 200, (2, 13)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[0, :4] = 0                                          # a left-padded row
+    full = model(tokens, attention_mask=mask)
+    for keep in (1, 5):
+        kept = model(tokens, attention_mask=mask, logits_to_keep=keep)
+        assert kept.shape == (2, keep, full.shape[-1])
+        np.testing.assert_allclose(kept, full[:, -keep:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(model(tokens, logits_to_keep=0), model(tokens))
+    cache = lambda: KVCache.create(cache_layout(model), batch=2, capacity=32)
+    whole = model(tokens, attention_mask=mask, cache=cache(), return_hidden_states=True)
+    last = model(tokens, attention_mask=mask, cache=cache(), return_hidden_states=True,
+                 logits_to_keep=1)
+    np.testing.assert_allclose(last.logits, whole.logits[:, -1:], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves((whole.cache, whole.hidden_states)),
+                    jax.tree.leaves((last.cache, last.hidden_states))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(tokens, logits_to_keep=-1)
+
+
 def test_seed_reproduces_and_rows_are_independent():
     model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(2))
     ids = np.random.default_rng(1).integers(3, 200, (3, 6)).astype(np.int32)
