@@ -6,8 +6,8 @@
 __all__ = ['COLUMNS', 'SAMPLED_COLUMNS', 'read_bandwidth', 'weight_bytes_per_token', 'cache_bytes', 'time_llmjax',
            'time_transformers', 'check_lengths', 'random_prompts', 'bench_case', 'case_row', 'step_weights',
            'step_flops', 'median_seconds', 'matmul_floor', 'square_gemm_rate', 'gemm_rate', 'step_ops', 'step_anatomy',
-           'time_generate_ids', 'end_to_end_case', 'load_pair', 'run', 'machine', 'table_row', 'settings', 'table',
-           'plot', 'plot_roofline', 'anatomy_table', 'end_to_end_table']
+           'time_generate_ids', 'end_to_end_case', 'random_source', 'load_pair', 'run', 'machine', 'table_row',
+           'settings', 'table', 'plot', 'plot_roofline', 'anatomy_table', 'end_to_end_table']
 
 # %% ../nbs/13_bench.ipynb #a4b8f910
 import dataclasses
@@ -287,22 +287,30 @@ def end_to_end_case(model, reference, batch: int, prompt_tokens: int, new_tokens
     return row
 
 # %% ../nbs/13_bench.ipynb #63e31057
+def random_source(source: str):
+    """'random:<architecture>:<preset>' -> (the registered architecture, its preset's
+    config); anything else is refused with the forms it takes."""
+    from llmjax.models import ARCHITECTURES
+
+    try:
+        _, name, preset = source.split(":")
+        architecture = ARCHITECTURES[name]
+        return architecture, getattr(architecture.config, preset)()
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise ValueError(f"{source!r}: expected random:<architecture>:<preset>, e.g. "
+                         "random:gpt2:gpt2 (architectures: "
+                         f"{', '.join(ARCHITECTURES)})") from None
+
+
 def load_pair(source: str, dtype: str = "float32", reference: bool = True):
     """(llmjax model, transformers model or None) with the same weights, from a registered
     name, a path, or 'random:<architecture>:<preset>' (seeded random weights at the preset's
     shape)."""
-    from llmjax.models import ARCHITECTURES, load, resolve
+    from llmjax.models import load, resolve
     from llmjax.validation import load_reference, random_pair
 
     if source.startswith("random:"):
-        try:
-            _, name, preset = source.split(":")
-            architecture = ARCHITECTURES[name]
-            config = getattr(architecture.config, preset)()
-        except (ValueError, KeyError, AttributeError, TypeError):
-            raise ValueError(f"{source!r}: expected random:<architecture>:<preset>, e.g. "
-                             "random:gpt2:gpt2 (architectures: "
-                             f"{', '.join(ARCHITECTURES)})") from None
+        architecture, config = random_source(source)
         try:
             import torch, transformers  # noqa: F401
         except ImportError:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .bench import machine, median_seconds, time_llmjax
+from .bench import machine, median_seconds, random_source, time_llmjax
 from .gpt2 import GPT2, GPT2Config
 from .training import Batch, TrainConfig, model_loss, step_costs, train_state, train_step
 from .validation import PARAGRAPH, perplexity
@@ -327,11 +327,9 @@ def precision_model(source: str, dtype: str):
     """(model, token ids [1, T]) for a precision comparison: a registered name or a path (the
     book's test paragraph, tokenized), or 'random:<architecture>:<preset>' (seeded random
     weights, 24 random tokens)."""
-    from llmjax.models import ARCHITECTURES, load
+    from llmjax.models import load
     if source.startswith("random:"):
-        _, name, preset = source.split(":")
-        architecture = ARCHITECTURES[name]
-        config = getattr(architecture.config, preset)()
+        architecture, config = random_source(source)
         model = architecture.model(config, dtype=jnp.dtype(dtype),
                                    param_dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
         return model, random_batch(config.vocab_size, 1, 24).tokens
