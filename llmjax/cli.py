@@ -205,8 +205,6 @@ BENCH_MODELS = ("smollm2-135m-instruct", "random:gpt2:gpt2")
 
 def _check_bench_args(args):
     """Refuse a decode bench's bad settings with a one-line error, before anything loads."""
-    from pathlib import Path
-
     if args.quick or args.section:
         raise ValueError("--quick and --section choose the perf suite's measurements: add "
                          "--suite perf")
@@ -219,8 +217,6 @@ def _check_bench_args(args):
         raise ValueError("--prompt-tokens and --repeats must be at least 1")
     if not args.no_reference:
         _need_reference("bench")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise ValueError(f"--json {args.json}: no such directory {Path(args.json).parent}")
     filtered = args.top_k is not None or args.top_p is not None
     if args.temperature == 0 and filtered:
         raise ValueError("--top-k and --top-p choose what to sample from, and --temperature 0 "
@@ -231,6 +227,8 @@ def bench_command(args) -> int:
     import json
     from pathlib import Path
 
+    if args.json and not Path(args.json).parent.is_dir():
+        raise ValueError(f"--json {args.json}: no such directory {Path(args.json).parent}")
     if args.suite == "perf":
         return perf_command(args)
     _check_bench_args(args)
@@ -255,10 +253,6 @@ def bench_command(args) -> int:
 
 # %% ../nbs/18_cli.ipynb #b1800002
 def perf_command(args) -> int:
-    from pathlib import Path
-
-    if args.json and not Path(args.json).parent.is_dir():
-        raise ValueError(f"--json {args.json}: no such directory {Path(args.json).parent}")
     from llmjax.perf import SECTIONS, Suite, run_suite
 
     run_suite(Suite.quick() if args.quick else Suite(), args.json,
