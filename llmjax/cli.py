@@ -29,6 +29,11 @@ def generate_command(args, stdin=None) -> int:
     # refuses a bad temperature, top-k or top-p
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     placement = _placement(args)   # a mesh the devices can't form is refused here too
+    if args.quantize is not None:
+        from llmjax.perf import check_weights
+        check_weights(args.quantize)
+        if placement:
+            raise ValueError("--quantize and --mesh can't be combined: drop one of them")
     prompt = read_prompt(args.prompt, stdin)
     if not prompt.strip():
         raise ValueError("the prompt is empty: pass it as an argument or on standard input")
@@ -60,6 +65,9 @@ def _stream_to_stdout(args, prompt: str, sampling,
     model, tokenizer = load(args.model, dtype=args.dtype, **placement)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; llmjax generate needs one")
+    if args.quantize is not None:                   # chapter 17
+        from llmjax.perf import quantize
+        quantize(model, args.quantize)
     if args.chat:
         if not tokenizer.chat_template:
             raise ValueError(f"{args.model} has no chat template; drop --chat")
@@ -589,6 +597,9 @@ def _generate_parser(sub):
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--dtype", default="float32",
                    help="float32, bfloat16 or float16 (default: float32)")
+    g.add_argument("--quantize", metavar="FORMAT",
+                   help="keep the weight matrices as bfloat16, int8-weights or int8 (int8 "
+                        "activations too: the fastest on a CPU) (default: as loaded)")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template")
     g.add_argument("--mesh", metavar="SPEC",
