@@ -552,9 +552,9 @@ def _torch_logits(model, ids) -> jax.Array:
 
 # %% ../nbs/17_performance.ipynb #a1700085
 def quantize_costs(sources=("smollm2-135m-instruct", "gemma-3-270m"), batches=(1, 8),
-                   prompt_tokens: int = 32, new_tokens: int = 32, repeats: int = 3,
-                   reference: bool = True) -> list[dict]:
-    """A row per model and format: llmjax in float32 and each of WEIGHT_FORMATS, transformers
+                   formats=WEIGHT_FORMATS, prompt_tokens: int = 32, new_tokens: int = 32,
+                   repeats: int = 3, reference: bool = True) -> list[dict]:
+    """A row per model and format: llmjax in float32 and each of `formats`, transformers
     (`reference`) in float32 and PyTorch's dynamic int8. Each: decode tokens/s at each batch
     size and, on the book's paragraph against the same library's float32, KL, top-1 and
     perplexity; llmjax's also the weight bytes a step reads."""
@@ -563,7 +563,7 @@ def quantize_costs(sources=("smollm2-135m-instruct", "gemma-3-270m"), batches=(1
         model, ids = precision_model(source, "float32")
         prompts = [random_prompts(model, batch, prompt_tokens) for batch in batches]
         base = model(ids)
-        for weights in ("float32", *WEIGHT_FORMATS):
+        for weights in ("float32", *formats):
             twin = model if weights == "float32" else quantize(nnx.merge(*nnx.split(model)),
                                                                weights)
             logits = twin(ids)
@@ -593,8 +593,8 @@ def quantize_run(suite) -> dict:
     products = product_formats(model, suite.quantize_rows, repeats=max(suite.repeats, 5))
     del model
     return dict(products=products, costs=quantize_costs(
-        suite.quantize_sources, suite.quantize_batches, new_tokens=suite.quantize_new_tokens,
-        repeats=suite.repeats))
+        suite.quantize_sources, suite.quantize_batches, suite.quantize_formats,
+        new_tokens=suite.quantize_new_tokens, repeats=suite.repeats))
 
 # %% ../nbs/17_performance.ipynb #a1700054
 def data_parallel_step(shape: dict, devices: int, batch: int = 8, length: int = 32,
@@ -678,6 +678,7 @@ class Suite:
     quantize_sources: tuple = ("smollm2-135m-instruct", "gemma-3-270m")
     quantize_rows: tuple = (1, 2, 8)
     quantize_batches: tuple = (1, 8)
+    quantize_formats: tuple = WEIGHT_FORMATS
     quantize_new_tokens: int = 32
     parallel_shape: dict = dataclasses.field(default_factory=lambda: dict(
         vocab_size=4096, n_positions=64, n_embd=256, n_layer=4, n_head=4))
@@ -697,7 +698,8 @@ class Suite:
                    precision_sources=("random:gpt2:tiny",),
                    precision_train_sources=(), precision_dtypes=("bfloat16",),
                    new_tokens=3, quantize_sources=("random:llama:tiny",),
-                   quantize_rows=(1, 2), quantize_batches=(1, 2), quantize_new_tokens=4,
+                   quantize_rows=(1,), quantize_batches=(2,), quantize_formats=("int8",),
+                   quantize_new_tokens=3,
                    parallel_shape=tiny, device_counts=(1, 2),
                    parallel_batch=2, parallel_length=8, parallel_separate=False,
                    repeats=1)
