@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# PyTorch's OpenMP threads spin at each barrier while they wait for one another. With more busy threads than cores
+# (two pytest workers on two cores: XLA in one, PyTorch in the other) a spinning thread keeps the one it waits for
+# off the core: 32 greedy steps of a 135M transformers model took 40-120 s instead of 2. Passive waiting sleeps instead.
+# Set here, before any worker, notebook kernel or subprocess starts (they inherit it) and before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def overwrite(path, at: int, data: bytes):
