@@ -14,7 +14,7 @@ from flax import nnx
 from llmjax.cli import main
 from llmjax.gemma import Gemma, GemmaConfig, interleaved
 from llmjax.gpt2 import GPT2Config
-from llmjax.perf import SECTIONS, Suite, run_suite, scan_layers, stack_layers, unrolled_layers
+from llmjax.perf import PRODUCTS, SECTIONS, Suite, run_suite, scan_layers, stack_layers, unrolled_layers
 
 
 def _refuse_nan(constant):
@@ -95,6 +95,26 @@ def test_precision(quick):
             assert 0 <= row["kl"] <= row["kl_max"] < 1 and 0 <= row["top1"] <= 1
             assert row["forward_ratio"] > 0 and row["decode_ratio"] > 0
             assert row["train_ratio"] is None                      # no train step in the quick suite
+
+
+def test_quantize_section(quick):
+    """The int8 section's rows: llmjax in float32 and the quick suite's formats, transformers in float32 and
+    int8; a rate per batch size; each compared with its own library's float32; products timed per format."""
+    suite, section = Suite.quick(), quick[1]["quantize"]
+    assert [p["rows"] for p in section["products"]] == list(suite.quantize_rows)
+    assert all(set(p["seconds"]) == set(PRODUCTS) and min(p["seconds"].values()) > 0
+               for p in section["products"])
+    found = [(r["library"], r["weights"]) for r in section["costs"]]
+    assert found == [("llmjax", w) for w in ("float32", *suite.quantize_formats)] + [
+        ("transformers", "float32"), ("transformers", "int8")]
+    for row in section["costs"]:
+        assert row["batches"] == list(suite.quantize_batches)
+        assert len(row["decode_tok_s"]) == len(row["batches"]) and min(row["decode_tok_s"]) > 0
+        assert 0 <= row["kl"] <= row["kl_max"] and 0 <= row["top1"] <= 1
+        if row["weights"] == "float32":
+            assert row["kl"] == 0 and row["top1"] == 1
+    llmjax_rows = {r["weights"]: r for r in section["costs"] if r["library"] == "llmjax"}
+    assert llmjax_rows["int8"]["weight_bytes"] < 0.3 * llmjax_rows["float32"]["weight_bytes"]
 
 
 def test_parallel_gives_one_loss(quick):
