@@ -419,7 +419,7 @@ def _unpadded(x, stored, transposed):
 
 
 PRODUCTS = {"float32": lambda x, w, transposed: x @ (w.T if transposed else w),
-            "bfloat16": lambda x, w, transposed: x @ (w.T if transposed else w).astype(x.dtype),
+            "bfloat16": lambda x, w, t: x @ (w.T if t else w).astype(x.dtype),
             "int8-weights": lambda x, w, _: int8_product(x, *w, activations=False),
             "int8": lambda x, w, _: int8_product(x, *w), "int8, unpadded": _unpadded}
 
@@ -436,7 +436,8 @@ def product_formats(model, rows=(1, 2, 8), repeats: int = 5) -> list[dict]:
     rng = np.random.default_rng(0)
     found = []
     for count in rows:
-        xs = [jnp.asarray(rng.normal(size=(count, w.shape[t])), jnp.float32) for w, t in weights]
+        xs = [jnp.asarray(rng.normal(size=(count, w.shape[t])), jnp.float32)
+              for w, t in weights]
         found.append(dict(rows=count, seconds={name: median_seconds(
             jax.jit(lambda xs, ws, f=f: [f(*args) for args in zip(xs, ws, flags)]),
             xs, stored[name], repeats=repeats) for name, f in PRODUCTS.items()}))
@@ -481,7 +482,8 @@ def _quantized(module, weights: str):
     if weights == "bfloat16":
         for name in ("kernel", "embedding"):         # new variables: a twin may share the old
             if hasattr(module, name):
-                setattr(module, name, nnx.Param(getattr(module, name)[...].astype(jnp.bfloat16)))
+                value = getattr(module, name)[...].astype(jnp.bfloat16)
+                setattr(module, name, nnx.Param(value))
         return module
     kind = Int8Embedding if isinstance(module, Embedding) else Int8Linear
     return kind(module, activations=weights == "int8")
@@ -495,7 +497,8 @@ def check_weights(weights: str) -> None:
 
 
 def quantize(model, weights: str = "int8"):
-    """`model` with its linear maps and tied output head kept as `weights`, in place (returned):
+    """`model` with its linear maps and tied output head kept as `weights`, in place
+    (returned):
     'bfloat16' (multiplied in float32), 'int8-weights' (int8, one scale per output, converted
     to float32 to multiply) or 'int8' (the same weights times int8 activations, one scale per
     row, multiplied in integers)."""
@@ -505,7 +508,7 @@ def quantize(model, weights: str = "int8"):
     routers = {id(m.gate) for _, m in nnx.iter_modules(model) if isinstance(m, SparseMoE)}
     chosen = [(path, m) for path, m in nnx.iter_modules(model)
               if isinstance(m, nnx.Linear) and id(m) not in routers]
-    if getattr(model, "lm_head", None) is None:            # tied: the largest table is the head
+    if getattr(model, "lm_head", None) is None:      # tied: the largest table is the head
         tables = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, Embedding)]
         chosen.append(max(tables, key=lambda pair: pair[1].embedding.size))
     for path, module in chosen:
