@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 
 from .bench import (load_pair, machine, median_seconds, random_prompts, random_source,
-                          step_weights, time_llmjax, time_transformers, weight_bytes_per_token)
+                          step_weights, tied_head, time_llmjax, time_transformers,
+                          weight_bytes_per_token)
 from .gpt2 import GPT2, GPT2Config
 from .layers import Embedding, check_ids
 from .moe import SparseMoE
@@ -390,17 +391,17 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.round(x / jnp.where(scale > 0, scale, 1)).astype(jnp.int8), scale
 
 
-def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array,
-                 activations: bool = True) -> jax.Array:
+def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array, activations: bool = True,
+                 min_rows: int = 2) -> jax.Array:
     """x [..., n] times the matrix q [m, n] · scale [m] (int8, one scale per output row),
     transposed -> float32 [..., m]. With `activations` each row of x is quantized too and the
-    product runs in integers, on at least two rows (XLA:CPU has no fast one-row integer
+    product runs in integers, on at least `min_rows` rows (XLA:CPU has no fast one-row integer
     kernel); without, q is converted to float32 and multiplied."""
     rows = math.prod(x.shape[:-1])
     flat = x.reshape(rows, x.shape[-1]).astype(jnp.float32)
     contract = (((1,), (1,)), ((), ()))
     if activations:
-        xq, xs = quantize_rows(jnp.pad(flat, ((0, max(0, 2 - rows)), (0, 0))))
+        xq, xs = quantize_rows(jnp.pad(flat, ((0, max(0, min_rows - rows)), (0, 0))))
         y = jax.lax.dot_general(xq, q, contract, preferred_element_type=jnp.int32)
         y = (y.astype(jnp.float32) * xs)[:rows]
     else:
@@ -411,17 +412,11 @@ def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array,
 WEIGHT_FORMATS = ("bfloat16", "int8-weights", "int8")
 
 
-def _unpadded(x, stored, transposed):
-    xq, xs = quantize_rows(x)
-    y = jax.lax.dot_general(xq, stored[0], (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.int32)
-    return y.astype(jnp.float32) * xs * stored[1]
-
-
 PRODUCTS = {"float32": lambda x, w, transposed: x @ (w.T if transposed else w),
             "bfloat16": lambda x, w, t: x @ (w.T if t else w).astype(x.dtype),
             "int8-weights": lambda x, w, _: int8_product(x, *w, activations=False),
-            "int8": lambda x, w, _: int8_product(x, *w), "int8, unpadded": _unpadded}
+            "int8": lambda x, w, _: int8_product(x, *w),
+            "int8, unpadded": lambda x, w, _: int8_product(x, *w, min_rows=1)}
 
 
 def product_formats(model, rows=(1, 2, 8), repeats: int = 5) -> list[dict]:
@@ -508,9 +503,8 @@ def quantize(model, weights: str = "int8"):
     routers = {id(m.gate) for _, m in nnx.iter_modules(model) if isinstance(m, SparseMoE)}
     chosen = [(path, m) for path, m in nnx.iter_modules(model)
               if isinstance(m, nnx.Linear) and id(m) not in routers]
-    if getattr(model, "lm_head", None) is None:      # tied: the largest table is the head
-        tables = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, Embedding)]
-        chosen.append(max(tables, key=lambda pair: pair[1].embedding.size))
+    head = tied_head(model)
+    chosen += [(path, m) for path, m in nnx.iter_modules(model) if m is head]
     for path, module in chosen:
         parent = functools.reduce(lambda m, key: m[key] if isinstance(key, int)
                                   else getattr(m, key), path[:-1], model)
